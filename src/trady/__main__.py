@@ -1,0 +1,5 @@
+import sys
+
+from trady.cli import main
+
+sys.exit(main())

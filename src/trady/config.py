@@ -1,0 +1,78 @@
+"""Typed, JSON-serialisable configuration of one fine-tuning run (the CLI fills the same object)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trady.errors import TradyError
+
+
+@dataclass
+class FinetuneConfig:
+    # what to train
+    model: str = "mobilenet_v2"
+    pretrained: bool = True
+    weights: str | None = None  # a local .pth/.safetensors file instead of the packaged weights
+    mcu_dir: str | None = None  # folder of the paper's int8 MCU models
+    data: str = "fashion-mnist"  # fashion-mnist | digits | cifar10 | cifar100 | PATH to image folder
+    data_dir: str | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    resolution: int | None = None  # None: the model's default
+    # how to train (the paper's recipe: plain SGD, cosine with warm-up, frozen BatchNorm)
+    strategy: str = "trady"
+    budget: str | None = None  # units ("27946"), bytes ("256KB") or share of full fine-tuning ("2.2%")
+    profile: str | None = None  # layer-ranking profile JSON; None: the one shipped for the model
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.125
+    warmup_epochs: int = 1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    train_bias: bool = False
+    mask_bits: int = 1  # ReLU masks kept for backward: 1 (bit-packed) or 8 (bool)
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    # bookkeeping
+    seed: int = 0
+    out: str | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    progress: bool = True
+    measure_memory: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TradyError(f"unknown config keys {unknown}; accepted: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FinetuneConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise TradyError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise TradyError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_epochs < 0:
+            raise TradyError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.mask_bits not in (1, 8):
+            raise TradyError(f"mask_bits must be 1 or 8, got {self.mask_bits}")
+        for name in ("train_size", "test_size", "resolution"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise TradyError(f"{name} must be >= 1, got {v}")
