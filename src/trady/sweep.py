@@ -1,0 +1,566 @@
+"""Grid runner: models x datasets x budgets x strategies x seeds into one results folder.
+
+One run folder per grid point, named readably and deterministically
+(`mcunet-in1__fashion-mnist__trady__b27946__s0`; non-sparse strategies have no budget part). A run
+whose summary.json says status "ok" is skipped, so a sweep can be stopped and started again. A run
+that raises is recorded (summary.json with status "failed" and the message, error.txt with the
+traceback) and the others go on. Runs execute in "spawn" worker processes, each with its own torch
+thread count; the runner is injectable (default `trady.train.finetune`) so tests can fake it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trady.config import FinetuneConfig
+from trady.errors import TradyError, unknown_name
+from trady.io import write_json, write_text
+
+# Strategies that train a fixed part of the network and take no budget: run once per
+# (model, dataset, seed) with budget null.
+NON_SPARSE_STRATEGIES = ("full", "classifier", "bias")
+
+# Grid axes and the FinetuneConfig field each one sets.
+AXES = {"models": "model", "datasets": "data", "budgets": "budget", "strategies": "strategy", "seeds": "seed"}
+
+# Config fields that do not change what a run computes: ignored when checking that a finished run
+# was made with the same settings as the sweep now asks for.
+_BOOKKEEPING = {"out", "progress", "threads", "device", "measure_memory", "data_dir", "mcu_dir", "profile",
+                "weights"}
+
+Runner = Callable[..., dict]  # runner(config) -> summary; may also take resume=True
+CHECKPOINT = "checkpoint.pt"
+
+
+def is_sparse(strategy: str) -> bool:
+    """Whether a strategy updates a budgeted channel selection (and so runs once per budget)."""
+    if strategy in NON_SPARSE_STRATEGIES:
+        return False
+    try:  # the registry knows strategies we do not list here
+        from trady import strategies as registry
+
+        if strategy in registry.available():
+            return getattr(registry.get(strategy), "mode", "sparse") == "sparse"
+    except Exception:  # registry absent or the strategy needs options: fall back on the name
+        pass
+    return True
+
+
+def sanitise(value: Any) -> str:
+    """A file-name-safe, readable form of a grid value ("2.2%" -> "2.2pct", "/a/b" -> "a-b")."""
+    text = str(value).replace("%", "pct")
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+    text = re.sub(r"-{2,}", "-", text).strip("-.")
+    return text or "x"
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    model: str
+    dataset: str
+    strategy: str
+    budget: str | None  # as given ("27946", "2.2%", "256KB"); None for non-sparse strategies
+    seed: int
+
+    @property
+    def name(self) -> str:
+        parts = [sanitise(self.model), sanitise(self.dataset), sanitise(self.strategy)]
+        if self.budget is not None:
+            parts.append("b" + sanitise(self.budget))
+        parts.append(f"s{self.seed}")
+        return "__".join(p.replace("__", "_") for p in parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _unique(values: Sequence) -> list:
+    seen, out = set(), []
+    for v in values:
+        if v not in seen:
+            seen.add(v)
+            out.append(v)
+    return out
+
+
+@dataclass
+class SweepGrid:
+    """What to run. Empty axes fall back on the base config's own value (e.g. base["model"])."""
+
+    base: dict[str, Any] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    budgets: list[str] = field(default_factory=list)
+    strategies: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.base = dict(self.base or {})
+        if "out" in self.base and self.base["out"] is not None:
+            raise TradyError("grid base must not set 'out': each run gets its own folder in the results folder")
+        self.base.pop("out", None)
+        FinetuneConfig.from_dict(self.base)  # unknown keys fail here, with the accepted ones listed
+        self.models = _unique(str(m) for m in _as_list(self.models))
+        self.datasets = _unique(str(d) for d in _as_list(self.datasets))
+        self.budgets = _unique(str(b) for b in _as_list(self.budgets) if b is not None)
+        self.strategies = _unique(str(s) for s in _as_list(self.strategies))
+        seeds = []
+        for s in _as_list(self.seeds):
+            try:
+                seeds.append(int(s))
+            except (TypeError, ValueError):
+                raise TradyError(f"seeds must be integers, got {s!r}") from None
+        self.seeds = _unique(seeds)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepGrid:
+        if not isinstance(data, dict):
+            raise TradyError(f"a grid must be a JSON object, got {type(data).__name__}")
+        accepted = {"base", *AXES}
+        ignored = {"runs", "version"}  # written into sweep.json by us; harmless when read back
+        unknown = sorted(set(data) - accepted - ignored)
+        if unknown:
+            raise TradyError(f"unknown grid keys {unknown}; accepted: {sorted(accepted)}")
+        return cls(**{k: v for k, v in data.items() if k in accepted})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SweepGrid:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise TradyError(f"grid file {str(path)!r} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise TradyError(f"grid file {str(path)!r} is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def axis(self, name: str) -> list:
+        values = getattr(self, name)
+        if values:
+            return values
+        default = self.base.get(AXES[name], getattr(FinetuneConfig, AXES[name], None))
+        return [] if default is None else [default if name == "seeds" else str(default)]
+
+    def points(self) -> list[GridPoint]:
+        """Expand the grid in a stable order; non-sparse strategies once per (model, dataset, seed)."""
+        budgets = self.axis("budgets")
+        points = []
+        for model in self.axis("models"):
+            for dataset in self.axis("datasets"):
+                for strategy in self.axis("strategies"):
+                    sparse = is_sparse(strategy)
+                    if sparse and not budgets:
+                        raise TradyError(
+                            f"strategy {strategy!r} needs a budget: give --budgets (units like 27946, "
+                            f"bytes like 256KB or a share like 2.2%)"
+                        )
+                    for budget in budgets if sparse else [None]:
+                        for seed in self.axis("seeds"):
+                            points.append(GridPoint(model, dataset, strategy, budget, int(seed)))
+        if not points:
+            raise TradyError("the grid is empty: give at least one model, dataset, strategy and seed")
+        names = [p.name for p in points]
+        clashes = sorted({n for n in names if names.count(n) > 1})
+        if clashes:
+            raise TradyError(f"grid values give the same run folder name twice: {clashes[:5]}")
+        return points
+
+    def config(self, point: GridPoint, out: str | os.PathLike | None = None) -> FinetuneConfig:
+        data = dict(self.base)
+        data.update(model=point.model, data=point.dataset, strategy=point.strategy, budget=point.budget,
+                    seed=point.seed, out=None if out is None else str(out))
+        cfg = FinetuneConfig.from_dict(data)
+        cfg.validate()
+        return cfg
+
+
+def validate_names(grid: SweepGrid) -> None:
+    """Reject misspelled models and strategies before hours of runs fail one by one.
+
+    Only names the registries can check (a registry that does not import yet is skipped)."""
+    checks = [("strategy", "strategies", "trady.strategies"), ("model", "models", "trady.models")]
+    for kind, axis, module in checks:
+        try:
+            mod = __import__(module, fromlist=["available"])
+            valid = list(mod.available())
+        except Exception:
+            continue
+        for name in grid.axis(axis):
+            if name not in valid:
+                raise unknown_name(kind, name, valid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running one point (in a worker process or in this one)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_status(run_dir: str | os.PathLike) -> str | None:
+    """"ok", "failed", another status string, or None when the run has no readable summary."""
+    summary = _read_json(Path(run_dir) / "summary.json")
+    return None if summary is None else str(summary.get("status"))
+
+
+def _default_runner(config: FinetuneConfig, resume: bool = False) -> dict:
+    from trady.train import finetune
+
+    return finetune(config, resume=resume)
+
+
+def _accepts_resume(runner: Runner) -> bool:
+    try:
+        return "resume" in inspect.signature(runner).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _settings_diff(stored: dict, wanted: dict) -> str | None:
+    """Differences in what a run computes between a stored config.json and the wanted config."""
+    diffs = []
+    for key, value in wanted.items():
+        if key in _BOOKKEEPING or value is None or key not in stored:
+            continue  # None: "the default", which the trainer may have filled in
+        if stored[key] != value:
+            diffs.append(f"{key}: {stored[key]!r} there, {value!r} now")
+    return "; ".join(diffs) or None
+
+
+def _failure_summary(run_dir: Path, config: dict, error: str) -> dict:
+    summary = _read_json(run_dir / "summary.json") or {}  # the runner's own failure summary, if any
+    if summary.get("status") == "ok":  # the runner finished, then something after it failed
+        summary = {}
+    summary.update(
+        model=config.get("model"), dataset=config.get("data"), strategy=config.get("strategy"),
+        budget=config.get("budget"), seed=config.get("seed"), epochs=config.get("epochs"),
+        status="failed", error=error,
+    )
+    summary.setdefault("budget_units", None)
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _set_threads(threads: int, load_torch: bool) -> None:
+    """Thread count of this worker: environment for libraries loaded later, torch itself when it is
+    (or is about to be) loaded. A runner that never touches torch keeps the worker light."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if load_torch or "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def execute(config_dict: dict, runner: Runner | None = None, threads: int | None = None) -> dict:
+    """Run one grid point and record its outcome in its run folder; never raises on a run failure.
+
+    Returns {"status", "summary", "error", "wall_time_s"}. Module-level so that "spawn" workers can
+    import it; the runner must be importable too (a module-level function)."""
+    run_dir = Path(config_dict["out"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runner = runner or _default_runner
+    previous = _read_json(run_dir / "summary.json")
+    # A run stopped part-way (no summary, a checkpoint, same settings) goes on from its checkpoint
+    # when the runner can; a failed run starts again from scratch.
+    stored = _read_json(run_dir / "config.json")
+    resume = (previous is None and (run_dir / CHECKPOINT).is_file() and stored is not None
+              and _settings_diff(stored, config_dict) is None and _accepts_resume(runner))
+    # Stale outcome files of an earlier attempt go: an interrupted rerun then reads as unfinished.
+    (run_dir / "error.txt").unlink(missing_ok=True)
+    if previous is not None:
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    if threads:
+        _set_threads(int(threads), load_torch=runner is _default_runner)
+    start = time.perf_counter()
+    try:
+        config = FinetuneConfig.from_dict(dict(config_dict))
+        result = runner(config, resume=True) if resume else runner(config)
+        summary = _read_json(run_dir / "summary.json")
+        if summary is None:  # the runner returned its summary but did not write it
+            if not isinstance(result, dict):
+                raise RuntimeError("runner wrote no summary.json and returned no summary dict")
+            summary = {**result}
+            summary.setdefault("status", "ok")
+            write_json(run_dir / "summary.json", summary)
+        if summary.get("status") != "ok":
+            error = str(summary.get("error") or f"runner reported status {summary.get('status')!r}")
+            write_text(run_dir / "error.txt", error + "\n")
+            return {"status": "failed", "summary": summary, "error": error,
+                    "wall_time_s": time.perf_counter() - start}
+        return {"status": "ok", "summary": summary, "error": None, "wall_time_s": time.perf_counter() - start}
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+        write_text(run_dir / "error.txt", traceback.format_exc())
+        summary = _failure_summary(run_dir, config_dict, error)
+        return {"status": "failed", "summary": summary, "error": error, "wall_time_s": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass
+class RunOutcome:
+    point: GridPoint
+    status: str  # "ok" | "failed" | "skipped"
+    test_acc: float | None = None
+    wall_time_s: float | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.point.as_dict(), "status": self.status, "test_acc": self.test_acc,
+                "wall_time_s": self.wall_time_s, "error": self.error}
+
+
+@dataclass
+class SweepResult:
+    out: str
+    outcomes: list[RunOutcome]
+    jobs: int
+    threads: int
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def ran(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if o.status == "ok"]
+
+    @property
+    def skipped(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if o.status == "skipped"]
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"out": self.out, "jobs": self.jobs, "threads": self.threads,
+                "counts": {s: self.count(s) for s in ("ok", "skipped", "failed")},
+                "runs": [o.as_dict() for o in self.outcomes]}
+
+    def table(self) -> str:
+        return format_table(self)
+
+
+def _fmt_acc(v: float | None) -> str:
+    if v is None or not isinstance(v, (int, float)) or math.isnan(v):
+        return "-"
+    return f"{100 * v:.2f}" if v <= 1 else f"{v:.2f}"
+
+
+def format_table(result: SweepResult) -> str:
+    rows = [("run", "status", "test acc", "time", "error")]
+    for o in result.outcomes:
+        t = "-" if o.wall_time_s is None else f"{o.wall_time_s:.1f}s"
+        err = (o.error or "").splitlines()[0][:80] if o.error else ""
+        rows.append((o.point.name, o.status, _fmt_acc(o.test_acc), t, err))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + ("  " + r[4] if r[4] else "") for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"{result.count('ok')} ran, {result.count('skipped')} skipped (already done), "
+                 f"{result.count('failed')} failed  ->  {result.out}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_parallelism(jobs: int | None, threads: int | None, cores: int | None = None) -> tuple[int, int]:
+    """(jobs, threads per run): --jobs defaults to cores // threads, --threads to cores // jobs."""
+    cores = cores or available_cores()
+    if jobs is not None and jobs < 1:
+        raise TradyError(f"jobs must be >= 1, got {jobs}")
+    if threads is not None and threads < 1:
+        raise TradyError(f"threads must be >= 1, got {threads}")
+    if threads is None:
+        threads = 1 if jobs is None else max(1, cores // jobs)
+    if jobs is None:
+        jobs = max(1, cores // threads)
+    return jobs, threads
+
+
+def _check_same_settings(grid: SweepGrid, point: GridPoint, run_dir: Path) -> str | None:
+    """A finished run made with other settings (say fewer epochs) must not be silently reused."""
+    stored = _read_json(run_dir / "config.json")
+    return None if stored is None else _settings_diff(stored, grid.config(point).to_dict())
+
+
+def plan(grid: SweepGrid, out: str | os.PathLike) -> list[tuple[GridPoint, str]]:
+    """Each grid point with what a sweep would do with it: "run", "skip" (finished ok) or
+    "stale: <differences>" (finished with other settings: the sweep would refuse to start)."""
+    out = Path(out)
+    actions = []
+    for p in grid.points():
+        if run_status(out / p.name) != "ok":
+            actions.append((p, "run"))
+            continue
+        diff = _check_same_settings(grid, p, out / p.name)
+        actions.append((p, f"stale: {diff}" if diff else "skip"))
+    return actions
+
+
+def run_sweep(
+    grid: SweepGrid,
+    out: str | os.PathLike,
+    *,
+    jobs: int | None = None,
+    threads: int | None = None,
+    runner: Runner | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Run every grid point not finished yet into `out/<run name>/`; returns what ran/skipped/failed.
+
+    runner: called with a FinetuneConfig (its `out` set to the run folder), plus resume=True for a run
+    stopped part-way that left a checkpoint, when the runner takes `resume`; default
+    trady.train.finetune, whose names are checked against the registries first. With jobs > 1 it
+    must be picklable (a module-level function). Failures are recorded, never raised."""
+    out = Path(out)
+    if runner is None:
+        validate_names(grid)
+    points = grid.points()
+    out.mkdir(parents=True, exist_ok=True)
+
+    outcomes: dict[GridPoint, RunOutcome] = {}
+    todo: list[GridPoint] = []
+    stale = []
+    for p in points:
+        run_dir = out / p.name
+        summary = _read_json(run_dir / "summary.json")
+        if summary is not None and summary.get("status") == "ok":
+            diff = _check_same_settings(grid, p, run_dir)
+            if diff:
+                stale.append(f"{p.name} ({diff})")
+            outcomes[p] = RunOutcome(p, "skipped", test_acc=summary.get("test_acc"),
+                                     wall_time_s=summary.get("wall_time_s"))
+        else:
+            todo.append(p)
+    if stale:
+        raise TradyError(
+            f"{len(stale)} finished run(s) in {str(out)!r} were made with other settings, e.g. {stale[0]}; "
+            f"use another results folder (or delete those runs) to run with the new settings"
+        )
+
+    jobs, threads = resolve_parallelism(jobs, threads if threads is not None else grid.base.get("threads"))
+    jobs = max(1, min(jobs, len(todo)))
+    # A sweep shows its own progress; the runs' own bars would interleave.
+    configs = {}
+    for p in todo:
+        cfg = grid.config(p, out / p.name)
+        cfg.progress = False
+        cfg.threads = threads
+        configs[p] = cfg.to_dict()
+
+    write_json(out / "sweep.json", {**grid.to_dict(), "runs": [p.as_dict() for p in points]})
+
+    emit = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    skipped = len(points) - len(todo)
+    if skipped:
+        emit(f"sweep: {skipped} of {len(points)} runs already finished, skipping them")
+    if todo:
+        emit(f"sweep: {len(todo)} runs to do, {jobs} at a time with {threads} thread(s) each -> {out}")
+
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="sweep", unit="run", file=sys.stderr, dynamic_ncols=True)
+
+    def finished(p: GridPoint, result: dict) -> None:
+        summary = result.get("summary") or {}
+        o = RunOutcome(p, result["status"], test_acc=summary.get("test_acc") if result["status"] == "ok" else None,
+                       wall_time_s=result.get("wall_time_s"), error=result.get("error"))
+        outcomes[p] = o
+        if o.status == "ok":
+            line = f"[ok]     {p.name}  test acc {_fmt_acc(o.test_acc)}  {o.wall_time_s or 0:.1f}s"
+        else:
+            line = f"[failed] {p.name}  {(o.error or '').splitlines()[0] if o.error else ''}"
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+            bar.update(1)
+        else:
+            emit(line)
+
+    try:
+        if jobs == 1:
+            for p in todo:
+                finished(p, execute(configs[p], runner, threads))
+        else:
+            broken = _run_pool(todo, configs, runner, threads, jobs, finished)
+            # A worker that died (killed, out of memory, crashed) takes the whole pool down with it,
+            # and the runs in flight cannot tell who did it: retry those one per fresh process.
+            for p, _ in broken:
+                left = _run_pool([p], configs, runner, threads, 1, finished)
+                if left:
+                    error = f"worker process died (killed, out of memory or crashed) while running it: {left[0][1]}"
+                    summary = _failure_summary(out / p.name, configs[p], error)
+                    finished(p, {"status": "failed", "summary": summary, "error": error})
+    finally:
+        if bar is not None:
+            bar.close()
+    return SweepResult(str(out), [outcomes[p] for p in points], jobs, threads)
+
+
+def _run_pool(points, configs, runner, threads, jobs, finished) -> list[tuple[GridPoint, str]]:
+    """Run points in a spawn pool; returns the points lost to a broken pool (not yet recorded), each
+    with the pool's error message."""
+    ctx = multiprocessing.get_context("spawn")
+    broken: list[tuple[GridPoint, str]] = []
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    try:
+        futures = {pool.submit(execute, configs[p], runner, threads): p for p in points}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in sorted(done, key=lambda f: points.index(futures[f])):
+                p = futures[fut]
+                try:
+                    result = fut.result()
+                except BrokenProcessPool as err:
+                    broken.append((p, str(err)))
+                    continue
+                except Exception as err:  # e.g. the runner could not be pickled / imported
+                    error = f"{type(err).__name__}: {err}"
+                    summary = _failure_summary(Path(configs[p]["out"]), configs[p], error)
+                    result = {"status": "failed", "summary": summary, "error": error}
+                finished(p, result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return broken
