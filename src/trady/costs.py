@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -20,7 +21,14 @@ from trady.errors import TradyError, unknown_name
 
 Selection = dict[str, torch.Tensor]  # layer name -> sorted unique input-channel indices (int64)
 
-BYTES_PER_SLOT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+BYTES_PER_SLOT = {"fp64": 8, "fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+PRECISION_OF_DTYPE = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int8: "int8",
+}
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,16 @@ class CostTable:
         out: Selection = {}
         for name, idx in selection.items():
             if name not in self.by_name:
+                if name == self.classifier:
+                    raise TradyError(
+                        f"layer {name!r} is the classifier, which is always trained in full; "
+                        f"accepted: the layers below it ({len(self.names)} layers, e.g. {self.names[0]!r})"
+                    )
                 raise unknown_name("layer", name, self.names)
-            t = torch.as_tensor(idx, dtype=torch.int64).flatten().unique(sorted=True)
+            t = torch.as_tensor(idx)
+            if t.is_floating_point() and not torch.equal(t, t.round()) or t.dtype == torch.bool:
+                raise TradyError(f"channel indices of layer {name!r} must be integers, got {t.tolist()!r}")
+            t = t.to(torch.int64).flatten().unique(sorted=True)
             if t.numel() == 0:
                 continue
             c = self.by_name[name].in_channels
@@ -213,6 +229,15 @@ def trace_layers(model: nn.Module, example_input: torch.Tensor) -> list[tuple[st
     return calls
 
 
+def _same_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """Top/left padding of padding='same' ('valid': 0); an odd total puts the extra at the bottom/right."""
+    if conv.padding == "valid":
+        return (0, 0)
+    kh, kw = _pair(conv.kernel_size)
+    dh, dw = _pair(conv.dilation)
+    return (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+
+
 def layer_info(name: str, module: nn.Module, in_shape: tuple, out_shape: tuple) -> LayerInfo:
     if isinstance(module, nn.Conv2d):
         groups = module.groups
@@ -227,7 +252,7 @@ def layer_info(name: str, module: nn.Module, in_shape: tuple, out_shape: tuple) 
             input_hw=(int(in_shape[-2]), int(in_shape[-1])),
             output_hw=(int(out_shape[-2]), int(out_shape[-1])),
             stride=_pair(module.stride),
-            padding=_pair(module.padding) if not isinstance(module.padding, str) else (0, 0),
+            padding=_pair(module.padding) if not isinstance(module.padding, str) else _same_padding(module),
             dilation=_pair(module.dilation),
         )
     tokens = int(math.prod(in_shape[1:-1])) if len(in_shape) > 2 else 1
@@ -296,23 +321,26 @@ def parse_budget(
     accepted = "accepted: units (27946), bytes with a unit (256KB, 1.5MiB) or a percentage (2.2%)"
     if isinstance(spec, bool):
         raise TradyError(f"invalid budget {spec!r}; {accepted}")
+    # Exact rational arithmetic: "100KB" must be 25000 fp32 units, not 24999.
     if isinstance(spec, (int, float)):
-        value, unit = float(spec), ""
+        if isinstance(spec, float) and not math.isfinite(spec):
+            raise TradyError(f"invalid budget {spec!r}; {accepted}")
+        value, unit = Fraction(spec), ""
     else:
         m = _UNIT_RE.match(str(spec))
         if not m:
             raise TradyError(f"invalid budget {spec!r}; {accepted}")
-        value, unit = float(m.group(1)), m.group(2).lower()
+        value, unit = Fraction(m.group(1)), m.group(2).lower()
     if value <= 0:
         raise TradyError(f"invalid budget {spec!r}: must be positive; {accepted}")
     if unit in ("", "u", "units"):
-        return int(value)
+        return math.floor(value)
     if unit == "%":
-        return int(table.full_units * value / 100.0)
+        return math.floor(table.full_units * value / 100)
     if unit in _BYTE_UNITS:
         nbytes = value * _BYTE_UNITS[unit]
         slot = bytes_per_slot(precision)
         # Bytes per unit of a full update at this batch: weights once, activations per sample.
         full_bytes = slot * (table.full_weight_units + batch_size * table.full_activation_units)
-        return int(nbytes / full_bytes * table.full_units)
+        return math.floor(nbytes * table.full_units / full_bytes)
     raise TradyError(f"invalid budget unit {unit!r} in {spec!r}; {accepted}")

@@ -4,13 +4,16 @@
 - every Conv2d/Linear except the classifier computes through ChannelSparse*Fn: it keeps its weight
   and, when selected, only x[:, selected]; its weight gradient exists only for the selected slice;
 - every BatchNorm2d becomes a frozen per-channel affine map; ReLU/ReLU6/Hardtanh keep bit masks;
+  MaxPool2d keeps a 1-byte window position per output, AvgPool2d and global pooling keep nothing;
 - the classifier stays a stock layer and is trained in full; biases only with `train_bias`.
-The model keeps its parameter names: `model.state_dict()` is a normal checkpoint (after `sync()`).
+The model keeps its parameter names: `model.state_dict()` is a normal checkpoint (it syncs the trained
+slices into the weights first; `sync()` does it explicitly).
 Changing the selection is `engine.select(...)`: no rebuild. `engine.restore()` undoes everything.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -19,16 +22,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from trady import ops
-from trady.costs import CostTable, Selection, analyze
+from trady.costs import PRECISION_OF_DTYPE, CostTable, Selection, analyze
 from trady.errors import TradyError
 
 # Parameter-free leaf modules whose stock backward keeps nothing (or nothing we could avoid).
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Flatten, nn.ZeroPad2d, nn.ConstantPad2d, nn.Unflatten)
 # Kept by stock autograd; their saved tensors are measured and reported in the "rest".
-_STOCK_ALLOWED = (nn.MaxPool2d, nn.AvgPool2d)
+_STOCK_ALLOWED = (nn.MaxPool2d, nn.AvgPool2d)  # only variants the engine's own pooling does not cover
+
+
+def _is_stock_allowed(module: nn.Module) -> bool:
+    """A pass-through or stock-allowed kind with its stock forward (a subclass's own forward is unknown)."""
+    return any(isinstance(module, b) and type(module).forward is b.forward for b in _PASSTHROUGH + _STOCK_ALLOWED)
+
+
 SUPPORTED_KINDS = (
     "Conv2d (any groups/stride/dilation/padding), Linear, BatchNorm2d (frozen), ReLU, ReLU6, Hardtanh, "
-    "AdaptiveAvgPool2d(1), AvgPool2d, MaxPool2d, Identity, Dropout, Flatten, ZeroPad2d"
+    "AdaptiveAvgPool2d(1), AvgPool2d, MaxPool2d, Identity, Dropout, Flatten, ZeroPad2d, ConstantPad2d, Unflatten"
 )
 
 
@@ -48,6 +58,31 @@ class LayerState:
     idx: torch.Tensor | None = None  # selected input channels
     w_slice: torch.Tensor | None = None  # trainable leaf: the weight entries of those channels
     on_saved: Callable[[torch.Tensor], None] | None = None  # measurement callback for kept slices
+    # Tensor versions at the last slice <-> weight write: a write happens only when one side changed,
+    # so that a forward never bumps the version of a weight an earlier forward saved for backward.
+    slice_version: int = -1
+    weight_version: int = -1
+
+
+def _write_slice(module: nn.Module, st: LayerState) -> None:
+    """Bring the model's weight and the trainable slice into agreement (caller: no matter grad mode).
+
+    The slice changed (optimizer step): write it into the weight. Otherwise, if the weight changed
+    behind the engine's back (load_state_dict, a manual edit), read the slice from it, so that a stale
+    slice never silently reverts loaded values.
+    """
+    if st.w_slice is None:
+        return
+    groups = getattr(module, "groups", 1)
+    with torch.no_grad():
+        if st.w_slice._version != st.slice_version:
+            ops.scatter_slice_(module.weight, st.idx, st.w_slice, groups)
+        elif module.weight._version != st.weight_version:
+            st.w_slice.copy_(ops.gather_slice(module.weight, st.idx, groups))
+        else:
+            return
+    st.slice_version = st.w_slice._version
+    st.weight_version = module.weight._version
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,21 +90,30 @@ class LayerState:
 # ---------------------------------------------------------------------------------------------
 
 
-def _numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
+def _numeric_padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(symmetric padding (ph, pw), extra (bottom, right) padding or None) equal to `conv.padding`.
+
+    padding='same' with an even total (dilation * (kernel - 1) odd) is asymmetric: as stock PyTorch,
+    the extra row/column goes at the bottom/right.
+    """
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
-            return (0, 0)
-        pads = []
+            return (0, 0), None
+        pads, extra = [], []
         for k, d in zip(conv.kernel_size, conv.dilation):
             total = d * (k - 1)
-            if total % 2:
-                raise TradyError(
-                    f"conv padding='same' with even kernel {conv.kernel_size} is asymmetric; "
-                    "accepted: symmetric padding (use an explicit nn.ZeroPad2d before the conv)"
-                )
             pads.append(total // 2)
-        return tuple(pads)
-    return tuple(conv.padding)
+            extra.append(total - 2 * (total // 2))
+        return (pads[0], pads[1]), (extra[0], extra[1]) if any(extra) else None
+    return (int(conv.padding[0]), int(conv.padding[1])), None
+
+
+def _no_autocast(x: torch.Tensor) -> None:
+    if torch.is_autocast_enabled(x.device.type):
+        raise TradyError(
+            "autocast (automatic mixed precision) is not supported by the engine's training step; "
+            "accepted: a model and input of one dtype (e.g. model.to(torch.bfloat16)), or autocast for evaluation"
+        )
 
 
 class SparseConv2d(nn.Conv2d):
@@ -77,16 +121,15 @@ class SparseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.trady
-        if st.w_slice is not None:
-            with torch.no_grad():  # the model's own weight always holds the trained values
-                ops.scatter_slice_(self.weight, st.idx, st.w_slice, self.groups)
+        _write_slice(self, st)  # the model's own weight always holds the trained values
         bias = self.bias
         bias_trains = bias is not None and bias.requires_grad
         if not torch.is_grad_enabled() or not (x.requires_grad or st.w_slice is not None or bias_trains):
-            return F.conv2d(x, self.weight, bias, self.stride, self.trady_padding, self.dilation, self.groups)
+            return self._conv_forward(x, self.weight, bias)  # stock: no graph
+        _no_autocast(x)
         return ops.ChannelSparseConv2dFn.apply(
             x, self.weight.detach(), bias, st.w_slice, st.idx,
-            self.stride, self.trady_padding, self.dilation, self.groups, st.on_saved,
+            self.stride, self.trady_padding, self.dilation, self.groups, st.on_saved, self.trady_extra_pad,
         )  # fmt: skip
 
 
@@ -95,13 +138,12 @@ class SparseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.trady
-        if st.w_slice is not None:
-            with torch.no_grad():
-                ops.scatter_slice_(self.weight, st.idx, st.w_slice, 1)
+        _write_slice(self, st)
         bias = self.bias
         bias_trains = bias is not None and bias.requires_grad
         if not torch.is_grad_enabled() or not (x.requires_grad or st.w_slice is not None or bias_trains):
             return F.linear(x, self.weight, bias)
+        _no_autocast(x)
         return ops.ChannelSparseLinearFn.apply(x, self.weight.detach(), bias, st.w_slice, st.idx, st.on_saved)
 
 
@@ -159,7 +201,37 @@ class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
         return x.mean((-2, -1), keepdim=True)
 
 
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class ArgmaxMaxPool2d(nn.MaxPool2d):
+    """MaxPool2d whose backward keeps a uint8 window position per output element, not its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = _pair(self.kernel_size)
+        if not torch.is_grad_enabled() or not x.requires_grad or self.return_indices or k[0] * k[1] > 256:
+            return super().forward(x)  # stock (kernels over 256 positions keep int64 indices and the input)
+        return ops.MaxPool2dArgmaxFn.apply(
+            x, k, _pair(self.stride), _pair(self.padding), _pair(self.dilation), self.ceil_mode
+        )
+
+
+class ShapeOnlyAvgPool2d(nn.AvgPool2d):
+    """AvgPool2d whose backward keeps nothing (stock keeps its whole input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return super().forward(x)
+        return ops.AvgPool2dFn.apply(
+            x, _pair(self.kernel_size), _pair(self.stride), _pair(self.padding), self.ceil_mode,
+            self.count_include_pad, self.divisor_override,
+        )  # fmt: skip
+
+
 _SWAPS: dict[type, type] = {
+    nn.MaxPool2d: ArgmaxMaxPool2d,
+    nn.AvgPool2d: ShapeOnlyAvgPool2d,
     nn.Conv2d: SparseConv2d,
     nn.Linear: SparseLinear,
     nn.BatchNorm2d: FrozenBatchNorm2d,
@@ -167,6 +239,9 @@ _SWAPS: dict[type, type] = {
     nn.ReLU6: MaskedReLU6,
     nn.Hardtanh: MaskedHardtanh,
 }
+
+
+_ENGINE_CLASSES = frozenset(_SWAPS.values()) | {GlobalAvgPool2d}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +345,11 @@ class SparseEngine:
     ) -> None:
         self.model = model
         self.config = config or EngineConfig()
+        prepared = next((n for n, m in model.named_modules() if type(m) in _ENGINE_CLASSES), None)
+        if prepared is not None:
+            raise TradyError(
+                f"module {prepared!r} is already prepared by a SparseEngine; call that engine's restore() first"
+            )
         if self.config.mask_bits not in (1, 8):
             raise TradyError(f"mask_bits must be 1 or 8, got {self.config.mask_bits}")
         self.costs: CostTable = analyze(model, example_input=example_input, classifier=self.config.classifier)
@@ -280,7 +360,12 @@ class SparseEngine:
         self._hooks: list = []
         self.layers: dict[str, nn.Module] = {}
         self.selection: Selection = {}
-        self._prepare()
+        self.restored = False
+        try:
+            self._prepare()
+        except BaseException:
+            self.restore()  # never leave a half-prepared model behind
+            raise
 
     # -- preparation ------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -301,15 +386,24 @@ class SparseEngine:
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     module.trady = LayerState(name)
                 if isinstance(module, nn.Conv2d):
-                    module.trady_padding = _numeric_padding(module)
+                    module.trady_padding, module.trady_extra_pad = _numeric_padding(module)
                 if isinstance(module, MaskedClamp):
                     module.trady_bits = cfg.mask_bits
                 if cfg.train_bias and isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
                     if module.bias is not None:
                         module.bias.requires_grad_(True)
-            elif self._is_leaf(module) and not isinstance(module, _PASSTHROUGH + _STOCK_ALLOWED):
+            elif self._is_leaf(module) and not _is_stock_allowed(module):
                 self._hooks.append(module.register_forward_pre_hook(self._guard(name, type(module).__name__)))
         self.layers = {n: model.get_submodule(n) for n in self.costs.names}
+        # model.state_dict() always holds the trained values, even right after optimizer.step().
+        engine = weakref.ref(self)
+
+        def sync_before_state_dict(module, prefix, keep_vars):
+            e = engine()
+            if e is not None and not e.restored:
+                e.sync()
+
+        self._hooks.append(model.register_state_dict_pre_hook(sync_before_state_dict))
 
     def _swap_target(self, name: str, module: nn.Module) -> type | None:
         """The engine class this module becomes, None to leave it alone; raises if it cannot be handled."""
@@ -372,16 +466,21 @@ class SparseEngine:
         for name, cls in self._orig_class.items():
             module = self.model.get_submodule(name)
             module.__class__ = cls
-            for attr in ("trady", "trady_padding", "trady_bits"):
+            for attr in ("trady", "trady_padding", "trady_extra_pad", "trady_bits"):
                 module.__dict__.pop(attr, None)
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._orig_requires_grad[n])
         self._orig_class.clear()
+        self._hooks.clear()
+        self.layers = {}  # a restored engine drives nothing: select() then raises
+        self.restored = True
         return self.model
 
     # -- selection ---------------------------------------------------------------------------
     def select(self, selection: Mapping[str, Sequence[int] | torch.Tensor] | None) -> Selection:
         """Update exactly these input channels from now on (None or {}: the classifier only)."""
+        if self.restored:
+            raise TradyError("this engine was restored; prepare the model again with SparseEngine(model, x)")
         canonical = self.costs.check_selection(selection or {})
         self.sync()
         for name, module in self.layers.items():
@@ -394,16 +493,14 @@ class SparseEngine:
             st.idx = idx
             groups = getattr(module, "groups", 1)
             st.w_slice = ops.gather_slice(module.weight.detach(), idx, groups).clone().requires_grad_(True)
+            st.slice_version, st.weight_version = st.w_slice._version, module.weight._version
         self.selection = canonical
         return canonical
 
     def sync(self) -> None:
         """Write the current slice values into the model's own weights."""
-        with torch.no_grad():
-            for module in self.layers.values():
-                st: LayerState = module.trady
-                if st.w_slice is not None:
-                    ops.scatter_slice_(module.weight, st.idx, st.w_slice, getattr(module, "groups", 1))
+        for module in self.layers.values():
+            _write_slice(module, module.trady)
 
     def slice_parameters(self) -> list[torch.Tensor]:
         return [m.trady.w_slice for m in self.layers.values() if m.trady.w_slice is not None]
@@ -428,6 +525,12 @@ class SparseEngine:
         return out
 
     # -- measurement -------------------------------------------------------------------------
+    def _precision(self) -> str:
+        """Slot precision of the updated weights (the kept slices share their dtype)."""
+        for module in self.layers.values():
+            return PRECISION_OF_DTYPE.get(module.weight.dtype, "fp32")
+        return "fp32"
+
     def measure_step(
         self,
         x: torch.Tensor,
@@ -447,9 +550,10 @@ class SparseEngine:
         for p in params:
             p.grad = None
         try:
-            saved = measure_saved_bytes(
-                self.model, lambda: loss_fn(self.model(x), y), exclude=self.slice_parameters()
-            )
+            # The slices and their channel indices are engine state that lives on anyway: no extra memory.
+            persistent = self.slice_parameters()
+            persistent += [m.trady.idx for m in self.layers.values() if m.trady.idx is not None]
+            saved = measure_saved_bytes(self.model, lambda: loss_fn(self.model(x), y), exclude=persistent)
         finally:
             for module in self.layers.values():
                 module.trady.on_saved = None
@@ -468,7 +572,9 @@ class SparseEngine:
             budgeted_grad_bytes=budget_grad,
             other_grad_bytes=other_grad,
             optimizer_state_bytes=opt_bytes,
-            analytic_budgeted_bytes=self.costs.selection_bytes(self.selection, batch_size=int(x.shape[0])),
+            analytic_budgeted_bytes=self.costs.selection_bytes(
+                self.selection, batch_size=int(x.shape[0]), precision=self._precision()
+            ),
             saved_by_kind=saved.by_dtype,
         )
 

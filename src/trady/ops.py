@@ -63,18 +63,65 @@ def slice_channel_norms(grad: torch.Tensor, groups: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _pair2(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv_input_grad(input_shape, weight, grad_out, stride, padding, dilation, groups) -> torch.Tensor:
+    """Gradient of conv2d with respect to its input, as a transposed convolution.
+
+    torch.nn.grad.conv2d_input passes convolution_backward a stride-0 placeholder input, which sends
+    CPU depthwise convolutions down a slow path (about 1.5-3x slower than stock autograd here);
+    conv_transpose2d, with the output padding that restores the input size, takes the fast one.
+    """
+    stride, padding, dilation = _pair2(stride), _pair2(padding), _pair2(dilation)
+    out_pad = []
+    for i in range(2):
+        k = weight.shape[2 + i]
+        full = (grad_out.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k - 1) + 1
+        out_pad.append(int(input_shape[2 + i]) - full)
+    if all(0 <= p < max(s, d) for p, s, d in zip(out_pad, stride, dilation)):
+        return F.conv_transpose2d(grad_out, weight, None, stride, padding, tuple(out_pad), groups, dilation)
+    return conv2d_input(input_shape, weight, grad_out, stride, padding, dilation, groups)
+
+
+def conv_weight_grad(x, weight_shape, grad_out, stride, padding, dilation) -> torch.Tensor:
+    """Weight gradient of a groups=1 conv2d for input `x` (here: the kept slice of selected channels).
+
+    A 1x1 conv without padding is a batched matmul: sum over samples of grad_out[b] @ x[b]^T. On CPU,
+    convolution_backward with a thin slice (few input channels) costs about as much as the whole
+    layer's forward (it reorders the full output gradient); the matmul reads it once (10-30x faster).
+    """
+    kh, kw = weight_shape[2], weight_shape[3]
+    st, pd = _pair2(stride), _pair2(padding)
+    if (kh, kw) == (1, 1) and pd == (0, 0):
+        b, cout, ho, wo = grad_out.shape
+        if st != (1, 1):
+            x = x[:, :, :: st[0], :: st[1]]
+        x = x[:, :, :ho, :wo]
+        g = grad_out.reshape(b, cout, ho * wo)
+        xs = x.reshape(b, x.shape[1], ho * wo)
+        return torch.bmm(g, xs.transpose(1, 2)).sum(0).view(weight_shape)
+    return conv2d_weight(x, weight_shape, grad_out, stride, padding, dilation, 1)
+
+
 class ChannelSparseConv2dFn(Function):
     """y = conv2d(x, weight, bias); gradients for x, bias and weight slice `w_slice` (channels `idx`).
 
     `weight` must already hold the values of `w_slice` at `idx` (the module writes them before the
     call); `w_slice` is the leaf the optimizer updates, so only its small gradient is allocated.
+    `padding` is symmetric (ph, pw); `extra_pad` (bottom, right), if given, pads the input at its end
+    as well (padding='same' with an even kernel). The kept slice is always of the unpadded input.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_slice, idx, stride, padding, dilation, groups, on_saved):
-        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    def forward(ctx, x, weight, bias, w_slice, idx, stride, padding, dilation, groups, on_saved, extra_pad=None):
+        xp = F.pad(x, (0, extra_pad[1], 0, extra_pad[0])) if extra_pad else x
+        out = F.conv2d(xp, weight, bias, stride, padding, dilation, groups)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.x_shape = x.shape
+        ctx.xp_shape = xp.shape
+        ctx.extra_pad = extra_pad
         if w_slice is not None and ctx.needs_input_grad[3]:
             x_sel = x.index_select(1, idx)  # the only activation kept: the selected input channels
             if on_saved is not None:
@@ -90,15 +137,19 @@ class ChannelSparseConv2dFn(Function):
         weight = ctx.saved_tensors[0]
         grad_x = grad_bias = grad_slice = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input(ctx.x_shape, weight, grad_out, stride, padding, dilation, groups)
+            grad_x = conv_input_grad(ctx.xp_shape, weight, grad_out, stride, padding, dilation, groups)
+            if ctx.extra_pad:
+                grad_x = grad_x[:, :, : ctx.x_shape[2], : ctx.x_shape[3]]
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3))
         if ctx.needs_input_grad[3]:
             _, x_sel, idx = ctx.saved_tensors
+            if ctx.extra_pad:
+                x_sel = F.pad(x_sel, (0, ctx.extra_pad[1], 0, ctx.extra_pad[0]))
             kh, kw = weight.shape[-2:]
             if groups == 1:
                 shape = (weight.shape[0], idx.numel(), kh, kw)
-                grad_slice = conv2d_weight(x_sel, shape, grad_out, stride, padding, dilation, 1)
+                grad_slice = conv_weight_grad(x_sel, shape, grad_out, stride, padding, dilation)
             else:
                 # Each selected channel becomes its own group paired with its group's output rows.
                 cout_g = weight.shape[0] // groups
@@ -109,7 +160,7 @@ class ChannelSparseConv2dFn(Function):
                 shape = (idx.numel() * cout_g, 1, kh, kw)
                 grad_slice = conv2d_weight(x_sel, shape, g_sel, stride, padding, dilation, idx.numel())
                 grad_slice = grad_slice.view(idx.numel(), cout_g, kh, kw)
-        return grad_x, None, grad_bias, grad_slice, None, None, None, None, None, None
+        return grad_x, None, grad_bias, grad_slice, None, None, None, None, None, None, None
 
 
 class ChannelSparseLinearFn(Function):
@@ -181,16 +232,32 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     # Eight 0/1 bytes viewed as one int64 word; a multiply gathers their low bits into the top byte.
     words = flat.view(torch.uint8).view(torch.int64)
-    packed = (words * 0x0102040810204080) >> 56
+    packed = words * 0x0102040810204080
+    packed.bitwise_right_shift_(56)  # in place: one int64 temporary instead of two
     return packed.to(torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    key = packed.device
+def _bit_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 8] table: row b holds the 8 bits of byte b (little-endian) as 0/1 values of `dtype`."""
+    key = (device, dtype)
     if key not in _BIT_WEIGHTS:
-        _BIT_WEIGHTS[key] = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=key)
-    bits = packed.unsqueeze(1).bitwise_and(_BIT_WEIGHTS[key]).ne(0)
-    return bits.view(-1)[:numel]
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _BIT_WEIGHTS[key] = bits.to(device=device, dtype=dtype)
+    return _BIT_WEIGHTS[key]
+
+
+def unpack_bits(packed: torch.Tensor, numel: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Inverse of pack_bits: a flat tensor of `numel` 0/1 values (bool, or `dtype`, e.g. the gradient's).
+
+    One table lookup per byte (an embedding gather of 8-value rows): much faster than broadcasting
+    bitwise_and + ne, and it yields the float 0/1 mask the backward multiplies with directly.
+    """
+    rows = packed.reshape(-1).to(torch.int32)
+    if dtype == torch.bool:
+        out = _bit_table(packed.device, torch.uint8).index_select(0, rows).view(torch.bool)
+    else:
+        out = F.embedding(rows, _bit_table(packed.device, dtype))
+    return out.view(-1)[:numel]
 
 
 class ClampMaskFn(Function):
@@ -202,9 +269,12 @@ class ClampMaskFn(Function):
     @staticmethod
     def forward(ctx, x, lo, hi, bits):
         y = torch.clamp(x, lo, hi)
-        inside = x > lo
+        # inside <=> lo < x < hi <=> y != lo and y != hi (y = clamp(x)). A float -> bool cast is a
+        # vectorised "!= 0" and far cheaper on CPU than a comparison; y - c == 0 exactly iff y == c
+        # (Sterbenz / gradual underflow), so the mask is exact, boundaries and NaN (passes, as stock) alike.
+        inside = (y if lo == 0 else y - lo).to(torch.bool)
         if hi is not None:
-            inside &= x < hi
+            inside &= (y - hi).to(torch.bool)
         ctx.shape = x.shape
         ctx.save_for_backward(pack_bits(inside) if bits == 1 else inside)
         ctx.bits = bits
@@ -214,5 +284,78 @@ class ClampMaskFn(Function):
     def backward(ctx, grad_out):
         (mask,) = ctx.saved_tensors
         if ctx.bits == 1:
-            mask = unpack_bits(mask, grad_out.numel()).view(ctx.shape)
-        return grad_out * mask, None, None, None
+            mask = unpack_bits(mask, grad_out.numel(), grad_out.dtype).view(ctx.shape)
+        else:
+            mask = mask.view(torch.uint8).to(grad_out.dtype)  # uint8 -> float: cheaper than from bool
+        # A same-dtype in-place multiply into the fresh mask: no mixed-dtype (bool * float) kernel,
+        # no extra allocation.
+        return mask.mul_(grad_out), None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling that keeps no float activation
+# ---------------------------------------------------------------------------------------------
+
+
+class MaxPool2dArgmaxFn(Function):
+    """max_pool2d keeping, per output element, the argmax position inside its window as one uint8.
+
+    Stock max pooling keeps its whole float input plus int64 indices (for 2x2 windows: 6 bytes per
+    input element); this keeps 1 byte per output element and rebuilds the indices in backward.
+    Needs kernel area <= 256. Arguments are int pairs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+        out, idx = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+        h_in, w_in = x.shape[-2:]
+        ho, wo = out.shape[-2:]
+        origin_h, origin_w = _window_origins(ho, wo, stride, padding, x.device)
+        dh = torch.div(torch.div(idx, w_in, rounding_mode="floor") - origin_h, dilation[0], rounding_mode="floor")
+        dw = torch.div(idx % w_in - origin_w, dilation[1], rounding_mode="floor")
+        pos = (dh * kernel_size[1] + dw).to(torch.uint8)
+        del idx, dh, dw
+        ctx.save_for_backward(pos)
+        ctx.geom = (x.shape, kernel_size, stride, padding, dilation)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (pos,) = ctx.saved_tensors
+        x_shape, kernel_size, stride, padding, dilation = ctx.geom
+        h_in, w_in = x_shape[-2:]
+        ho, wo = grad_out.shape[-2:]
+        origin_h, origin_w = _window_origins(ho, wo, stride, padding, grad_out.device)
+        pos = pos.long()
+        rows = origin_h + torch.div(pos, kernel_size[1], rounding_mode="floor") * dilation[0]
+        cols = origin_w + (pos % kernel_size[1]) * dilation[1]
+        flat = (rows * w_in + cols).reshape(-1, ho * wo)
+        grad_x = grad_out.new_zeros(flat.shape[0], h_in * w_in)
+        grad_x.scatter_add_(1, flat, grad_out.reshape(-1, ho * wo))
+        return grad_x.view(x_shape), None, None, None, None, None
+
+
+def _window_origins(ho: int, wo: int, stride, padding, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-left input coordinates of every pooling window, shapes [ho, 1] and [1, wo]."""
+    origin_h = torch.arange(ho, device=device).view(ho, 1) * stride[0] - padding[0]
+    origin_w = torch.arange(wo, device=device).view(1, wo) * stride[1] - padding[1]
+    return origin_h, origin_w
+
+
+class AvgPool2dFn(Function):
+    """avg_pool2d that keeps nothing for backward (stock keeps its input, only for its shape)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        ctx.args = (x.shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override = ctx.args
+        shape_only = grad_out.new_empty(1).expand(x_shape)  # the kernel reads only the input's sizes
+        grad_x = torch.ops.aten.avg_pool2d_backward(
+            grad_out.contiguous(), shape_only, kernel_size, stride, padding, ceil_mode, count_include_pad,
+            divisor_override,
+        )  # fmt: skip
+        return grad_x, None, None, None, None, None, None

@@ -1,0 +1,869 @@
+"""The channel-sparse engine against dense autograd on the unmodified model.
+
+One table of small layer/model factories runs through the same checks (`_round`):
+(a) forward outputs equal, (b) every selected slice gradient equals the dense gradient at that slice,
+(c) classifier gradients equal, (d) after an SGD step + sync() the model's state dict is the dense
+model's weights minus lr x dense gradient on the selected entries and the classifier, bit-identical
+everywhere else (buffers included), (e) no full-size gradient on any frozen or partially updated
+weight, (f) measured budgeted bytes == analytic, no graph below the lowest selected layer; then
+(g) a second selection on the same engine (no re-preparation) and (h) restore().
+Then the zoo at small resolution, the tensors kept for backward, unsupported kinds and errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from trady.engine import EngineConfig, SparseEngine
+from trady.errors import TradyError
+
+LR = 0.5
+BATCH = 2
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    """A fixed random projection of the output: every output entry gets its own gradient."""
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(123), dtype=out.dtype)
+    return (out * w).sum()
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=2e-5 * scale, msg=lambda m: f"{what}: {m}")
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine terms, so that frozen BatchNorm is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                if m.affine:
+                    m.weight.copy_(1.0 + 0.3 * torch.randn(m.num_features, generator=g))
+                    m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+    return model
+
+
+def _channel_mask(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the weight entries owned by input channels `idx` (written independently of ops)."""
+    w = module.weight
+    mask = torch.zeros(w.shape, dtype=torch.bool)
+    groups = getattr(module, "groups", 1)
+    cin_g = w.shape[1]
+    cout_g = w.shape[0] // groups
+    for c in idx.tolist():
+        g, local = divmod(c, cin_g)
+        mask[g * cout_g : (g + 1) * cout_g, local] = True
+    return mask
+
+
+def _expected_slice_grad(module: nn.Module, dense_grad: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The dense gradient at the slice, in the documented slice layout.
+
+    Conv groups=1 and Linear: [C', S, ...] (the weight's columns); groups > 1: [S, C'/g, kh, kw]
+    (each selected channel with the output rows of its group).
+    """
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        return torch.stack([dense_grad[:, c] for c in idx.tolist()], dim=1)
+    cin_g = dense_grad.shape[1]
+    cout_g = dense_grad.shape[0] // groups
+    blocks = []
+    for c in idx.tolist():
+        g, local = divmod(c, cin_g)
+        blocks.append(dense_grad[g * cout_g : (g + 1) * cout_g, local])
+    return torch.stack(blocks, dim=0)
+
+
+def _dense_reference(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stock autograd, every parameter trainable, BatchNorm on its running statistics (frozen BN)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    out = model(x)
+    _loss(out).backward()
+    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _leaf_order(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, bool]], torch.Tensor]:
+    """(leaf module name, output requires grad) in call order, for one forward with grad enabled."""
+    calls: list[tuple[str, bool]] = []
+    handles = []
+    for name, m in model.named_modules():
+        if next(m.children(), None) is None and name:
+            handles.append(
+                m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, bool(out.requires_grad))))
+            )
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, out
+
+
+def _random_selection(engine: SparseEngine, layers: list[str], seed: int, full: str | None = None) -> dict:
+    """Random non-empty proper subsets of channels of `layers` (all channels of `full`)."""
+    rng = random.Random(seed)
+    sel = {}
+    for name in layers:
+        c = engine.costs.by_name[name].in_channels
+        if name == full or c == 1:
+            sel[name] = list(range(c))
+        else:
+            sel[name] = sorted(rng.sample(range(c), rng.randint(1, max(1, c // 2))))
+    return sel
+
+
+def _check_round(model, engine, dense_model, x, selection, stock_model) -> None:
+    """Checks (a)-(f) for one selection; `dense_model` holds the same weights as `model`."""
+    canonical = engine.select(selection)
+    assert set(canonical) == {k for k, v in selection.items() if len(v)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense_out, dense_grads = _dense_reference(dense_model, x)
+
+    for p in engine.parameters():
+        p.grad = None
+    model.train()  # the engine freezes BatchNorm in train mode too
+    calls, out = _leaf_order(model, x)
+    # (a) forward outputs
+    _close(out.detach(), dense_out, "forward output")
+    # no graph below the lowest selected layer; graph from it on
+    names = [n for n, _ in calls]
+    lowest = min(names.index(n) for n in canonical) if canonical else names.index(engine.classifier_name)
+    assert not any(rg for _, rg in calls[:lowest]), f"graph built below the lowest selected layer: {calls}"
+    assert calls[lowest][1]
+
+    _loss(out).backward()
+    # (b) selected slices
+    params = dict(model.named_parameters())
+    for name, idx in canonical.items():
+        module = engine.layers[name]
+        grad = module.trady.w_slice.grad
+        info = engine.costs.by_name[name]
+        assert grad.numel() == len(idx) * info.weight_units_per_channel, f"{name}: slice gradient is not slice-sized"
+        expected = _expected_slice_grad(module, dense_grads[f"{name}.weight"], idx)
+        _close(grad, expected, f"slice gradient of {name}")
+    # (c) classifier, (e) no gradient of any other model parameter (nothing full-size for partial layers)
+    cls = engine.classifier_name
+    for n, p in params.items():
+        if n.startswith(cls + "."):
+            _close(p.grad, dense_grads[n], f"classifier gradient {n}")
+        else:
+            assert p.grad is None, f"{n} got a gradient of shape {tuple(p.grad.shape)}"
+            assert not p.requires_grad, n
+    norms = engine.slice_grad_norms()
+    assert set(norms) == set(canonical)
+
+    # (d) one SGD step: expected weights by hand from the dense gradients
+    opt = torch.optim.SGD(engine.parameters(), lr=LR)
+    opt.step()
+    engine.sync()
+    after = model.state_dict()
+    assert list(after) == list(stock_model.state_dict()), "state_dict keys changed"
+    updated = {f"{n}.weight": _channel_mask(engine.layers[n], idx) for n, idx in canonical.items()}
+    for key, value in after.items():
+        old = before[key]
+        if key.startswith(cls + "."):
+            _close(value, old - LR * dense_grads[key], f"classifier after step {key}")
+        elif key in updated:
+            mask = updated[key]
+            _close(value[mask], old[mask] - LR * dense_grads[key][mask], f"updated slice of {key}")
+            assert torch.equal(value[~mask], old[~mask]), f"unselected entries of {key} changed"
+        else:
+            assert torch.equal(value, old), f"{key} changed although not selected"
+
+    # (f) measured budgeted bytes == analytic
+    report = engine.measure_step(x, None, loss_fn=lambda o, _y: _loss(o))
+    units_w = engine.costs.selection_weight_units(canonical)
+    units_a = engine.costs.selection_activation_units(canonical)
+    assert report.budgeted_grad_bytes == 4 * units_w
+    assert report.budgeted_activation_bytes == 4 * BATCH * units_a
+    assert report.budgeted_bytes == report.analytic_budgeted_bytes
+    assert report.analytic_budgeted_bytes == engine.costs.selection_bytes(canonical, batch_size=BATCH)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table of layer configurations
+# ---------------------------------------------------------------------------------------------
+
+
+def _stem_then(*body: nn.Module, head: tuple[nn.Module, ...] | None = None, cin: int = 4, c: int = 8):
+    """stem conv (cin -> c) + BN + ReLU, the layers under test, then a pooled Linear head by default."""
+    if head is None:
+        head = (nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(5))
+    return nn.Sequential(nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), *body, *head)
+
+
+def conv3x3():
+    return _stem_then(nn.Conv2d(8, 12, 3, padding=1), nn.ReLU())
+
+
+def conv_stride2():
+    return _stem_then(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
+
+
+def conv_dilation2():
+    return _stem_then(nn.Conv2d(8, 12, 3, padding=2, dilation=2), nn.ReLU())
+
+
+def conv_asym_pad():
+    return _stem_then(nn.ZeroPad2d((0, 1, 2, 0)), nn.Conv2d(8, 12, 3, stride=2), nn.ReLU())
+
+
+def conv_grouped4():
+    return _stem_then(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.ReLU())
+
+
+def conv_depthwise():
+    return _stem_then(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU6())
+
+
+def conv_depthwise_mult2():
+    return _stem_then(nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=8), nn.ReLU6())
+
+
+def conv_1x1():
+    return _stem_then(nn.Conv2d(8, 12, 1, bias=False), nn.ReLU())
+
+
+def conv_same():
+    return _stem_then(nn.Conv2d(8, 12, 3, padding="same", dilation=2), nn.ReLU())
+
+
+def conv_rect_kernel():
+    return _stem_then(nn.Conv2d(8, 12, (1, 3), stride=(2, 1), padding=(0, 1)), nn.ReLU())
+
+
+def conv_bn_relu6_chain():
+    return _stem_then(
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8),
+    )  # fmt: skip
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c: int, expand: int = 2) -> None:
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.project(self.dw(self.expand(x)))
+
+
+def residual_block():
+    return _stem_then(InvertedResidual(8), InvertedResidual(8))
+
+
+def maxpool_head():
+    return _stem_then(
+        nn.MaxPool2d(3, stride=2, padding=1), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+        head=(nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(5)),
+    )  # fmt: skip
+
+
+def avgpool_head():
+    return _stem_then(
+        nn.AvgPool2d(2), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+        head=(nn.AvgPool2d(2), nn.Flatten(), nn.LazyLinear(5)),
+    )  # fmt: skip
+
+
+def adaptive_pool_head():
+    return _stem_then(nn.Conv2d(8, 12, 3, padding=1), nn.Hardtanh(-1.0, 2.0))
+
+
+def conv_classifier():
+    return _stem_then(
+        nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+        head=(nn.AdaptiveAvgPool2d(1), nn.Conv2d(12, 5, 1), nn.Flatten()),
+    )  # fmt: skip
+
+
+def linear_2d():
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU6(), nn.Linear(12, 5))
+
+
+class TokenNet(nn.Module):
+    """Linear layers on [B, T, F] tokens, mean over tokens, then the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(10, 16)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(16, 12)
+        self.classifier = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.classifier(self.fc2(self.act(self.fc1(x))).mean(1))
+
+
+def linear_3d():
+    return TokenNet()
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...] = (BATCH, 4, 11, 14)  # non-square: catches H/W mix-ups
+
+
+CASES = [
+    Case(conv3x3),
+    Case(conv_stride2),
+    Case(conv_dilation2),
+    Case(conv_asym_pad),
+    Case(conv_grouped4),
+    Case(conv_depthwise),
+    Case(conv_depthwise_mult2),
+    Case(conv_1x1),
+    Case(conv_same),
+    Case(conv_rect_kernel),
+    Case(conv_bn_relu6_chain),
+    Case(residual_block),
+    Case(maxpool_head, (BATCH, 4, 12, 16)),
+    Case(avgpool_head, (BATCH, 4, 12, 16)),
+    Case(adaptive_pool_head),
+    Case(conv_classifier),
+    Case(linear_2d, (BATCH, 10)),
+    Case(linear_3d, (BATCH, 7, 10)),
+]
+
+
+def _build(case: Case, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = case.build()
+    x = torch.randn(case.input_shape)
+    with torch.no_grad():
+        model.eval()(x)  # materialise lazy layers
+    return _randomize_bn(model, seed), x
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.build.__name__ for c in CASES])
+def test_engine_matches_dense_autograd(case: Case) -> None:
+    model, x = _build(case)
+    stock = copy.deepcopy(model)  # the unmodified model: reference classes, keys, dense autograd
+    classes = {n: type(m) for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    engine = SparseEngine(model, x)
+    layers = engine.costs.names
+    assert layers, "the case has no updatable layer below the classifier"
+    costs = engine.costs
+    # selection A: every other layer from the second on (the bottom layer stays frozen: no graph there)
+    sel_a = _random_selection(engine, layers[1::2] or layers, seed=1)
+    _check_round(model, engine, copy.deepcopy(stock), x, sel_a, stock)
+
+    # (g) a different selection on the same engine: from the bottom layer, one layer in full
+    dense_b = copy.deepcopy(stock)
+    dense_b.load_state_dict(model.state_dict())
+    sel_b = _random_selection(engine, layers[0::2], seed=2, full=layers[0])
+    _check_round(model, engine, dense_b, x, sel_b, stock)
+    assert engine.costs is costs
+
+    # classifier only
+    engine.select({})
+    assert engine.slice_parameters() == []
+
+    # (h) restore: stock classes, same keys, original flags, the trained values in place
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    restored = engine.restore()
+    assert restored is model
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert list(model.state_dict()) == list(stock.state_dict())
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    for m in model.modules():
+        assert not any(a.startswith("trady") for a in vars(m)), type(m)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_same_padding_with_even_kernel() -> None:
+    """padding='same' with an even kernel pads asymmetrically (the extra row/column at the end)."""
+    torch.manual_seed(0)
+    model = _stem_then(nn.Conv2d(8, 12, 4, padding="same"), nn.ReLU())
+    x = torch.randn(BATCH, 4, 9, 10)
+    with torch.no_grad():
+        model.eval()(x)
+    stock = copy.deepcopy(model)
+    engine = SparseEngine(model, x)
+    _check_round(model, engine, copy.deepcopy(stock), x, {"3": [1, 4, 6]}, stock)
+    dense_b = copy.deepcopy(stock)
+    dense_b.load_state_dict(model.state_dict())
+    _check_round(model, engine, dense_b, x, {"0": [0, 2], "3": list(range(8))}, stock)
+
+
+def test_train_bias_updates_biases_and_bn_shifts() -> None:
+    model, x = _build(Case(conv_bn_relu6_chain))
+    stock = copy.deepcopy(model)
+    engine = SparseEngine(model, x, EngineConfig(train_bias=True))
+    engine.select({"3": [0, 5]})
+    params = engine.parameters()
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    assert all(any(p is q for q in params) for p in biases)
+    _, dense_grads = _dense_reference(stock, x)
+    model.train()
+    _loss(model(x)).backward()
+    for n, p in model.named_parameters():
+        if n.endswith("bias"):
+            _close(p.grad, dense_grads[n], f"bias gradient {n}")
+        elif not n.startswith(engine.classifier_name + "."):
+            assert p.grad is None, n
+
+
+def test_load_state_dict_after_select_is_not_reverted() -> None:
+    """Weights loaded into a prepared model win over the slice taken at select() time."""
+    model, x = _build(Case(conv3x3))
+    engine = SparseEngine(model, x)
+    engine.select({"3": [0, 1, 2]})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["3.weight"] += 1.0
+    model.load_state_dict(state)
+    model(x)
+    engine.sync()
+    assert torch.equal(model.state_dict()["3.weight"], state["3.weight"])
+    assert torch.equal(engine.layers["3"].trady.w_slice, state["3.weight"][:, :3])
+
+
+def test_two_forwards_before_one_backward() -> None:
+    """A forward must not bump the version of a weight that an earlier forward saved for backward."""
+    model, x = _build(Case(conv_bn_relu6_chain))
+    stock = copy.deepcopy(model)
+    engine = SparseEngine(model, x)
+    engine.select({"3": [1, 2], "9": [0, 7]})
+    model.train()
+    loss = _loss(model(x)) + _loss(model(2 * x))
+    engine.sync()  # a sync between forward and backward must be harmless as well
+    loss.backward()
+    stock.eval()
+    for p in stock.parameters():
+        p.requires_grad_(True)
+    (_loss(stock(x)) + _loss(stock(2 * x))).backward()
+    _close(engine.layers["9"].trady.w_slice.grad, stock[9].weight.grad[:, [0, 7]], "slice gradient")
+
+
+def test_state_dict_is_current_right_after_a_step() -> None:
+    model, x = _build(Case(conv_grouped4))
+    engine = SparseEngine(model, x)
+    engine.select({"3": [0, 5]})
+    model.train()
+    _loss(model(x)).backward()
+    torch.optim.SGD(engine.parameters(), lr=LR).step()
+    w_slice = engine.layers["3"].trady.w_slice.detach().clone()
+    state = model.state_dict()  # no sync(): the state dict hook writes the slices first
+    assert torch.equal(state["3.weight"][0:4, 0], w_slice[0]) and torch.equal(state["3.weight"][8:12, 1], w_slice[1])
+
+
+def test_float64_model_measures_its_own_slot_size() -> None:
+    model, x = _build(Case(conv_bn_relu6_chain))
+    model.double()
+    x = x.double()
+    engine = SparseEngine(model, x)
+    engine.select({"3": [0, 1], "6": [4]})
+    report = engine.measure_step(x, None, loss_fn=lambda o, _y: _loss(o))
+    assert report.budgeted_bytes == report.analytic_budgeted_bytes
+    assert report.analytic_budgeted_bytes == engine.costs.selection_bytes(engine.selection, BATCH, "fp64")
+
+
+def test_bfloat16_model_and_autocast() -> None:
+    model, x = _build(Case(maxpool_head, (BATCH, 4, 12, 16)))
+    model.to(torch.bfloat16)
+    engine = SparseEngine(model, x.bfloat16())
+    engine.select({"0": [0, 2], "4": [5]})
+    report = engine.measure_step(x.bfloat16(), None, loss_fn=lambda o, _y: o.float().sum())
+    assert report.budgeted_bytes == report.analytic_budgeted_bytes
+    assert report.budgeted_grad_bytes == 2 * engine.costs.selection_weight_units(engine.selection)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TradyError, match="autocast"):
+            model(x)
+        with torch.no_grad():  # evaluation under autocast is fine
+            assert model(x).dtype == torch.bfloat16
+
+
+def test_failed_preparation_leaves_the_model_untouched() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+        nn.Flatten(), nn.LazyLinear(2),
+    )  # fmt: skip
+    x = torch.randn(1, 3, 7, 7)
+    model(x)
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(TradyError, match=r"BatchNorm '3' has no running statistics"):
+        SparseEngine(model, x)
+    assert [type(m) for m in model.modules()] == classes
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_restore_is_final_and_idempotent() -> None:
+    model, x = _build(Case(conv3x3))
+    engine = SparseEngine(model, x)
+    engine.select({"3": [1]})
+    engine.restore()
+    engine.restore()
+    assert type(model[3]) is nn.Conv2d and not model._state_dict_pre_hooks
+    with pytest.raises(TradyError, match="restored"):
+        engine.select({"3": [1]})
+    engine = SparseEngine(model, x)  # prepare again
+    with pytest.raises(TradyError, match="already prepared"):
+        SparseEngine(model, x)
+    engine.select({"3": [2]})
+
+
+class Pools(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.act0 = nn.ReLU()
+        self.max = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv1 = nn.Conv2d(6, 6, 3, padding=1)
+        self.avg = nn.AvgPool2d(2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(6, 8, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.avg(self.conv1(self.max(self.act0(self.conv0(x)))))
+        return self.classifier(self.flat(self.gap(self.conv2(x))))
+
+
+def test_pooling_keeps_no_float_activation() -> None:
+    torch.manual_seed(0)
+    model = Pools()
+    x = torch.randn(2, 3, 13, 12)
+    stock = copy.deepcopy(model)
+    engine = SparseEngine(model, x)
+    engine.select({"conv0": [0, 2]})  # everything above the stem conv is on the backprop path
+    model.train()
+    saved, out = _record_saved(model, x)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    by_module: dict = {}
+    for s in saved:
+        if s.storage not in params:
+            by_module.setdefault(s.module, []).append(s)
+    (pos,) = by_module["max"]  # 1 byte per output element: 2 x 6 x 7 x 6
+    assert pos.dtype == torch.uint8 and pos.nbytes == 2 * 6 * 7 * 6
+    assert "avg" not in by_module and "gap" not in by_module and "conv1" not in by_module
+    _loss(out).backward()
+    _, dense_grads = _dense_reference(stock, x)
+    _close(engine.layers["conv0"].trady.w_slice.grad, dense_grads["conv0.weight"][:, [0, 2]], "slice gradient")
+
+
+# ---------------------------------------------------------------------------------------------
+# The zoo at small resolution
+# ---------------------------------------------------------------------------------------------
+
+
+def _zoo_names() -> list[str]:
+    try:
+        from trady import models
+    except ImportError:  # the zoo is not there yet
+        return []
+    return models.available()
+
+
+ZOO = _zoo_names()
+ZOO_RES = 64
+
+
+@pytest.mark.parametrize("name", ZOO or [pytest.param("none", marks=pytest.mark.skip("no zoo models"))])
+def test_zoo_model_matches_dense(name: str) -> None:
+    from trady import models
+
+    torch.manual_seed(0)
+    model = _randomize_bn(models.create(name, pretrained=False, num_classes=7))
+    x = torch.randn(BATCH, 3, ZOO_RES, ZOO_RES)
+    stock = copy.deepcopy(model)
+    engine = SparseEngine(model, x)
+    assert engine.classifier_name == "classifier"
+    layers = engine.costs.names
+    rng = random.Random(name)
+    chosen = set(rng.sample(layers[2:], min(5, len(layers) - 2))) | {layers[rng.randint(0, 2)]}
+    selection = {}
+    for n in chosen:
+        c = engine.costs.by_name[n].in_channels
+        selection[n] = sorted(rng.sample(range(c), min(c, rng.randint(1, 4))))
+    canonical = engine.select(selection)
+
+    stock.eval()  # dropout off on both sides; BatchNorm on running statistics
+    model.eval()
+    dense_out, dense_grads = _dense_reference(stock, x)
+    out = model(x)
+    _close(out.detach(), dense_out, f"{name}: forward output")  # (a)
+    _loss(out).backward()
+    for n, idx in canonical.items():  # (b)
+        module = engine.layers[n]
+        expected = _expected_slice_grad(module, dense_grads[f"{n}.weight"], idx)
+        _close(module.trady.w_slice.grad, expected, f"{name}: slice gradient of {n}")
+    for n, p in model.named_parameters():
+        if not n.startswith("classifier."):
+            assert p.grad is None, n
+    report = engine.measure_step(x, None, loss_fn=lambda o, _y: _loss(o))  # (f)
+    assert report.budgeted_bytes == report.analytic_budgeted_bytes > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# What is kept for backward
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Saved:
+    module: str | None  # the leaf module whose forward saved it (None: outside any module, e.g. the loss)
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    storage: int
+
+
+def _record_saved(model: nn.Module, x: torch.Tensor) -> tuple[list[Saved], torch.Tensor]:
+    """Forward under saved-tensor hooks; each saved tensor attributed to the leaf module running."""
+    current: list[str] = []
+    handles = []
+    for name, m in model.named_modules():
+        if next(m.children(), None) is None:
+            handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: current.append(name)))
+            handles.append(m.register_forward_hook(lambda mod, args, out: current.pop() and None))
+    saved: list[Saved] = []
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        saved.append(Saved(current[-1] if current else None, t.dtype, tuple(t.shape), s.nbytes(), s.data_ptr()))
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return saved, out
+
+
+class Chain(nn.Module):
+    """conv -> BN -> ReLU blocks (ReLU6 and a residual add in between), pooled, then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(cin, cout, act, **kw):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(cout), act)
+
+        self.b0 = block(3, 8, nn.ReLU())
+        self.b1 = block(8, 8, nn.ReLU6(), stride=2)
+        self.b2 = block(8, 8, nn.ReLU())  # residual: b2(x) + x
+        self.b3 = block(8, 16, nn.ReLU6(), groups=8)
+        self.b4 = block(16, 16, nn.ReLU(), groups=16)
+        self.classifier = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.b1(self.b0(x))
+        x = self.b2(x) + x
+        x = self.b4(self.b3(x))
+        return self.classifier(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mask_bits", [1, 8])
+def test_saved_tensors_are_only_slices_masks_and_scales(mask_bits: int) -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(Chain())
+    x = torch.randn(3, 3, 13, 11)
+    engine = SparseEngine(model, x, EngineConfig(mask_bits=mask_bits))
+    selection = engine.select({"b1.0": [2, 5], "b3.0": [0, 3, 4]})  # b0 below: no graph; b2, b4 frozen
+    params = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
+
+    inputs: dict[str, tuple] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, n=n: inputs.__setitem__(n, (args[0], out)))
+        for n, m in model.named_modules()
+        if n
+    ]
+    model.train()
+    saved, out = _record_saved(model, x)
+    for h in hooks:
+        h.remove()
+
+    by_module: dict[str | None, list[Saved]] = {}
+    for s in saved:
+        if s.storage in params:  # weights: no extra memory
+            continue
+        by_module.setdefault(s.module, []).append(s)
+
+    # nothing below the lowest selected layer: no saved tensor and no graph at all
+    for n in ("b0.0", "b0.1", "b0.2"):
+        assert n not in by_module, (n, by_module.get(n))
+        assert inputs[n][1].grad_fn is None and not inputs[n][1].requires_grad, n
+    assert inputs["b1.0"][1].requires_grad
+
+    for n in ("b1.0", "b3.0"):  # selected: the input slice (and its int64 channel indices)
+        xin = inputs[n][0]
+        floats = [s for s in by_module[n] if s.dtype.is_floating_point]
+        assert [s.shape for s in floats] == [(xin.shape[0], len(selection[n]), *xin.shape[2:])], n
+        assert floats[0].nbytes == 4 * xin.shape[0] * len(selection[n]) * xin.shape[2] * xin.shape[3]
+        assert all(s.dtype == torch.int64 and s.shape == (len(selection[n]),) for s in by_module[n] if s not in floats)
+    for n in ("b2.0", "b4.0"):  # frozen conv on the backprop path: nothing but its weight
+        assert n not in by_module, (n, by_module.get(n))
+    for blk in ("b1", "b2", "b3", "b4"):
+        bn, act = f"{blk}.1", f"{blk}.2"
+        c = model.get_submodule(bn).num_features
+        assert [(s.dtype, s.shape) for s in by_module[bn]] == [(torch.float32, (c,))], bn  # just the scale
+        n_el = inputs[act][0].numel()
+        (mask,) = by_module[act]
+        if mask_bits == 1:
+            assert mask.dtype == torch.uint8 and mask.nbytes == math.ceil(n_el / 8), act
+        else:
+            assert mask.dtype == torch.bool and mask.nbytes == n_el, act
+    # the classifier keeps its input; the only float tensors scaling with the batch are the slices
+    assert [s.shape for s in by_module["classifier"]] == [(3, 16)]
+    allowed = {"b1.0", "b3.0", "classifier", None}
+    for s in saved:
+        if s.storage not in params and s.dtype.is_floating_point and s.module not in allowed:
+            assert s.shape[0] != 3 or len(s.shape) == 1, s
+
+    # the same accounting from the engine's own measurement
+    report = engine.measure_step(x, torch.zeros(3, dtype=torch.int64))
+    assert report.budgeted_bytes == report.analytic_budgeted_bytes
+    assert report.budgeted_activation_bytes == 4 * 3 * (2 * 13 * 11 + 3 * 7 * 6)
+
+
+def test_saved_bytes_scale_with_batch_only_through_slices_masks_and_head() -> None:
+    """Doubling the batch adds exactly: slices + classifier input + masks (+ the loss's own tensors)."""
+    torch.manual_seed(0)
+    model = _randomize_bn(Chain())
+    engine = SparseEngine(model, torch.randn(1, 3, 16, 16))
+    engine.select({"b2.0": [1, 3, 6]})
+    model.train()
+    sizes = {}
+    for b in (2, 4):
+        saved, out = _record_saved(model, torch.randn(b, 3, 16, 16))
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        sizes[b] = {}
+        for s in saved:
+            if s.storage not in params and s.module is not None:
+                sizes[b][s.module] = sizes[b].get(s.module, 0) + s.nbytes
+    grow = {k: sizes[4][k] - sizes[2].get(k, 0) for k in sizes[4] if sizes[4][k] != sizes[2].get(k, 0)}
+    # 2 more samples: slice 3 ch x 8x8 floats, classifier input 16 floats, masks of 8x8x8, 8x8x8, 16x8x8 bits
+    assert grow == {
+        "b2.0": 2 * 3 * 8 * 8 * 4,
+        "classifier": 2 * 16 * 4,
+        "b2.2": 2 * 8 * 8 * 8 // 8,
+        "b3.2": 2 * 16 * 8 * 8 // 8,
+        "b4.2": 2 * 16 * 8 * 8 // 8,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer kinds the engine cannot run on the backprop path
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_module(mid: nn.Module) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), mid, nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+
+
+UNSUPPORTED = {
+    "SiLU": lambda: nn.SiLU(),
+    "GELU": lambda: nn.GELU(),
+    "LayerNorm": lambda: nn.LayerNorm([8, 6, 6]),
+    "LeakyReLU": lambda: nn.LeakyReLU(0.1),
+    "AdaptiveAvgPool2d": lambda: nn.AdaptiveAvgPool2d(3),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNSUPPORTED))
+def test_unsupported_kind_on_backprop_path(kind: str) -> None:
+    torch.manual_seed(0)
+    model = _with_module(UNSUPPORTED[kind]())
+    x = torch.randn(2, 3, 6, 6)
+    stock = copy.deepcopy(model)
+    engine = SparseEngine(model, x)
+    model.train()
+
+    engine.select({"0": [1, 2]})  # the module lies above a selected layer: on the backprop path
+    with pytest.raises(TradyError) as err:
+        model(x)
+    msg = str(err.value)
+    assert "'1'" in msg and kind in msg and "supported kinds" in msg
+    assert "Conv2d" in msg and "BatchNorm2d" in msg and "ReLU6" in msg
+
+    engine.select({"2": [0, 3]})  # the module lies below the lowest selected layer: fine
+    _loss(model(x)).backward()
+    with torch.no_grad():  # and any module is fine without grad (evaluation)
+        model(x)
+
+    # strict=False: stock autograd runs it, gradients still exact
+    engine.restore()
+    engine = SparseEngine(model, x, EngineConfig(strict=False))
+    engine.select({"0": [1, 2]})
+    _, dense_grads = _dense_reference(stock, x)
+    model.train()
+    _loss(model(x)).backward()
+    _close(engine.layers["0"].trady.w_slice.grad, dense_grads["0.weight"][:, [1, 2]], "slice gradient")
+
+
+def test_conv_subclass_with_own_forward_is_rejected() -> None:
+    class MyConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(MyConv(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(1, 3, 5, 5)
+    model(x)
+    with pytest.raises(TradyError, match=r"'0'.*MyConv.*supported kinds"):
+        SparseEngine(model, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_layer_name_suggests_the_closest() -> None:
+    model = Chain()
+    engine = SparseEngine(model, torch.randn(1, 3, 8, 8))
+    with pytest.raises(TradyError) as err:
+        engine.select({"b3.O": [0]})
+    assert "'b3.O'" in str(err.value) and "b3.0" in str(err.value)
+    with pytest.raises(TradyError, match="classifier"):
+        SparseEngine(Chain(), torch.randn(1, 3, 8, 8), EngineConfig(classifier="clasifier"))
+
+
+@pytest.mark.parametrize("bad", [8, -1, 100])
+def test_out_of_range_channel_names_layer_and_range(bad: int) -> None:
+    model = Chain()
+    engine = SparseEngine(model, torch.randn(1, 3, 8, 8))
+    engine.select({"b1.0": [0, 1]})
+    with pytest.raises(TradyError) as err:
+        engine.select({"b1.0": [0, bad]})
+    msg = str(err.value)
+    assert str(bad) in msg and "'b1.0'" in msg and "0..7" in msg
+    # a failed select leaves the previous selection in place
+    assert set(engine.selection) == {"b1.0"} and engine.layers["b1.0"].trady.w_slice is not None
+
+
+def test_mask_bits_must_be_1_or_8() -> None:
+    with pytest.raises(TradyError, match="mask_bits"):
+        SparseEngine(Chain(), torch.randn(1, 3, 8, 8), EngineConfig(mask_bits=4))
