@@ -77,7 +77,7 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except pickle.UnpicklingError as err:
         raise TradyError(f"refusing to load {os.fspath(path)}: {unpickling_refusal(err)}") from None
     except Exception as err:  # noqa: BLE001 - truncated, not a zip, not a torch file: one line
-        text = " ".join(str(err).split())[:200]
+        text = " ".join(str(err).split()).split(". ")[0][:200]
         raise TradyError(
             f"cannot read {os.fspath(path)}: not a complete torch.save file ({type(err).__name__}: {text})"
         ) from None

@@ -15,7 +15,10 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     d = FinetuneConfig()
     p.add_argument("--model", default=d.model, help=f"zoo model name (default {d.model}; see `trady models`)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="start from random weights")
-    p.add_argument("--weights", help="local .pth/.safetensors weights instead of the packaged ones")
+    p.add_argument(
+        "--weights",
+        help="local .pth/.pt/.safetensors weights instead of the packaged ones (read with weights_only=True)",
+    )
     p.add_argument("--mcu-dir", help="folder of the paper's int8 MCU models (default ../shared/models/mcu)")
     p.add_argument("--data", default=d.data, help="fashion-mnist | digits | cifar10 | cifar100 | PATH")
     p.add_argument("--data-dir", help="folder holding the dataset files when not in the default place")
@@ -28,7 +31,11 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", help="memory budget: units (27946), bytes (256KB) or share of full fine-tuning (2.2%%)")
     p.add_argument("--profile", help="layer-ranking profile JSON (default: the one shipped for the model)")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size,
+        help=f"samples per step and process (default {d.batch_size}); data parallel (torchrun): the global "
+        "batch is batch-size x WORLD_SIZE",
+    )  # fmt: skip
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     p.add_argument("--momentum", type=float, default=d.momentum, help="0 by default: state would break the budget")
@@ -38,7 +45,10 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, e.g. ratio=0.2 (repeatable)")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
+    p.add_argument(
+        "--device", default=d.device,
+        help="cpu, cuda or cuda:N (under torchrun, cuda means GPU LOCAL_RANK)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--no-measure", dest="measure_memory", action="store_false",
@@ -61,41 +71,116 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         options[k] = _option_value(v)
     fields = {f: getattr(args, f) for f in FinetuneConfig.__dataclass_fields__ if hasattr(args, f)}
     fields["strategy_options"] = options
+    if fields.get("weights"):
+        fields["pretrained"] = False  # --weights replaces the packaged pretrained weights
     return FinetuneConfig(**fields)
+
+
+DESCRIPTION = """\
+Fine-tune a pretrained model on a dataset with a channel-selection strategy under a memory budget;
+writes config.json, metrics.jsonl, summary.json and checkpoint.pt (every epoch, atomically) to --out.
+
+Resuming: `trady finetune --resume DIR` continues a run stopped at any moment (killed, out of time) from
+its last checkpoint, with the settings in DIR/config.json, and ends with the same metrics and weights as
+an uninterrupted run with the same seed.
+
+Data parallel: `torchrun --standalone --nproc-per-node N -m trady finetune ...` trains on N processes
+(gloo on CPU, nccl with --device cuda: one GPU per process). Each process takes --batch-size samples
+per step (global batch = batch-size x N); every process trains the same channels and only the selected
+weight slices, the classifier and trained biases are all-reduced. Rank 0 writes the run folder.
+"""
+
+# Options that may accompany --resume (the rest of the settings come from DIR/config.json).
+RESUME_OPTIONS = {"resume", "out", "json", "progress", "threads", "device"}
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "finetune",
         help="fine-tune a pretrained model under a memory budget",
-        description="Fine-tune a pretrained model on a dataset with a channel-selection strategy under a memory "
-        "budget; writes config, metrics, summary and checkpoint to --out.",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(p)
-    p.add_argument("--out", help="run folder (default runs/<model>__<data>__<strategy>__s<seed>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument(
+        "--out",
+        help="run folder (default runs/<model>__<data>__<strategy>__s<seed>); a run already there is replaced",
+    )
+    p.add_argument(
+        "--resume", metavar="DIR",
+        help="continue the run in DIR from its last checkpoint, with its own settings (DIR/config.json); "
+        "only --threads, --device, --no-progress and --json may be given with it",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _finetune_parser=p)
+
+
+def _changed_options(args: argparse.Namespace) -> list[str]:
+    """Options given on the command line (values differing from the defaults) that --resume ignores."""
+    parser: argparse.ArgumentParser | None = getattr(args, "_finetune_parser", None)
+    if parser is None:
+        return []
+    changed = []
+    for action in parser._actions:  # argparse has no public list of its options
+        dest = action.dest
+        if dest in RESUME_OPTIONS or not action.option_strings or dest == "help" or not hasattr(args, dest):
+            continue
+        if getattr(args, dest) != action.default:
+            changed.append(max(action.option_strings, key=len))
+    return changed
+
+
+def _resume_config(args: argparse.Namespace) -> FinetuneConfig:
+    folder = Path(args.resume)
+    if not folder.is_dir():
+        raise TradyError(f"cannot resume {str(folder)!r}: no such folder; accepted: a run folder of trady finetune")
+    if not (folder / "config.json").is_file():
+        raise TradyError(f"cannot resume {str(folder)!r}: no config.json there; accepted: a run folder")
+    changed = _changed_options(args)
+    if changed:
+        raise TradyError(
+            f"--resume continues {str(folder)!r} with its own settings (config.json); drop {', '.join(changed)} "
+            "(or start a new run with --out)"
+        )
+    if args.out and Path(args.out).resolve() != folder.resolve():
+        raise TradyError(f"--resume {str(folder)!r} writes to that folder; drop --out {args.out!r}")
+    try:
+        config = FinetuneConfig.load(folder / "config.json")
+    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise TradyError(f"cannot resume {str(folder)!r}: its config.json is unreadable ({err})") from None
+    config.out = str(folder)
+    config.progress = args.progress
+    if args.threads:
+        config.threads = args.threads
+    if args.device != FinetuneConfig().device:
+        config.device = args.device
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
+    from trady import distributed
     from trady.train import finetune
 
     if args.resume:
-        folder = Path(args.resume)
-        if not (folder / "config.json").is_file():
-            raise TradyError(f"cannot resume {str(folder)!r}: no config.json there; accepted: a run folder")
-        config = FinetuneConfig.load(folder / "config.json")
-        config.out = str(folder)
-        config.progress = args.progress
-        summary = finetune(config, resume=True)
+        config = _resume_config(args)
     else:
         config = config_from_args(args)
         if not args.out:
             name = f"{config.model}__{Path(config.data).name}__{config.strategy}__s{config.seed}"
             args.out = str(Path("runs") / name)
         config.out = args.out
-        summary = finetune(config)
+    try:
+        rank, _ = distributed.init_from_env(config.device)  # torchrun: WORLD_SIZE > 1
+        summary = finetune(config, resume=bool(args.resume))
+    except TradyError as err:
+        text = str(err)
+        if "\n" in text:  # the CLI prints one line
+            raise TradyError(" ".join(text.split())) from None
+        raise
+    finally:
+        distributed.cleanup()
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
