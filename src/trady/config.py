@@ -30,6 +30,8 @@ class FinetuneConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 0.125
+    classifier_lr: float | None = None  # the fresh head's base LR; None: same as lr
+    classifier_init: str = "default"  # the fresh head: "default" (PyTorch's) or "zeros"
     warmup_epochs: int = 1
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -68,8 +70,12 @@ class FinetuneConfig:
                 raise TradyError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise TradyError(f"lr must be > 0, got {self.lr}")
+        if self.classifier_lr is not None and self.classifier_lr <= 0:
+            raise TradyError(f"classifier_lr must be > 0, got {self.classifier_lr}")
         if self.warmup_epochs < 0:
             raise TradyError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.classifier_init not in ("default", "zeros"):
+            raise TradyError(f"classifier_init must be 'default' or 'zeros', got {self.classifier_init!r}")
         if self.mask_bits not in (1, 8):
             raise TradyError(f"mask_bits must be 1 or 8, got {self.mask_bits}")
         for name in ("train_size", "test_size", "resolution"):

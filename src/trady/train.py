@@ -104,6 +104,11 @@ def setup(config: FinetuneConfig) -> Run:
         mcu_dir=config.mcu_dir,
     ).to(device)  # fmt: skip
     model.eval()  # the paper's recipe: BatchNorm frozen (running statistics), no dropout
+    if config.classifier_init == "zeros" and config.weights is None:
+        # Zero logits at the start: the backbone gets no gradient from a random head's noise.
+        with torch.no_grad():
+            for p in model.classifier.parameters():
+                p.zero_()
     example = torch.zeros(1, 3, resolution, resolution, device=device)
     costs = analyze(model, example_input=example, classifier="classifier")
     mean, std = spec.mean, spec.std
@@ -163,7 +168,7 @@ def setup(config: FinetuneConfig) -> Run:
         for p in model.classifier.parameters():
             p.requires_grad_(True)
     if run.mode != "sparse":
-        run.optimizer = _make_optimizer(config, _trainable(run))
+        run.optimizer = _make_optimizer(run)
     return run
 
 
@@ -185,8 +190,19 @@ def _trainable(run: Run) -> list[torch.Tensor]:
     return [p for p in run.model.parameters() if p.requires_grad]
 
 
-def _make_optimizer(config: FinetuneConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+def _make_optimizer(run: Run) -> torch.optim.Optimizer:
+    """Plain SGD; the classifier gets its own base learning rate when `classifier_lr` is set.
+
+    Each group carries `base_lr`; the schedule scales it every step.
+    """
+    config = run.config
+    head = {id(p) for p in run.model.classifier.parameters()}
+    params = _trainable(run)
+    body = [p for p in params if id(p) not in head]
+    clf = [p for p in params if id(p) in head]
+    clf_lr = config.classifier_lr if config.classifier_lr is not None else config.lr
+    groups = [{"params": ps, "lr": lr, "base_lr": lr} for ps, lr in ((body, config.lr), (clf, clf_lr)) if ps]
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,9 +299,10 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
     bar = _progress(loader, config, f"epoch {epoch}/{config.epochs}")
     for i, (x, y) in enumerate(bar):
         x, y = x.to(run.device), y.to(run.device)
-        lr = lr_at((epoch - 1) * steps + i, total_steps, warmup_steps, config.lr)
+        scale = lr_at((epoch - 1) * steps + i, total_steps, warmup_steps, 1.0)
+        lr = scale * config.lr
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = scale * g.get("base_lr", config.lr)
         for p in params:
             p.grad = None
         if measure and i == 0:
@@ -655,7 +672,7 @@ def _finetune(config: FinetuneConfig, resume: bool) -> dict[str, Any]:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             t_epoch = time.perf_counter()
             selection = choose_selection(run, epoch) if run.mode == "sparse" else {}
-            optimizer = run.optimizer or _make_optimizer(config, _trainable(run))
+            optimizer = run.optimizer or _make_optimizer(run)
             stats = train_epoch(run, epoch, optimizer, measure=config.measure_memory)
             test_loss, test_acc = evaluate(run)
             if not math.isfinite(test_loss):

@@ -36,7 +36,10 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         help=f"samples per step and process (default {d.batch_size}); data parallel (torchrun): the global "
         "batch is batch-size x WORLD_SIZE",
     )  # fmt: skip
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"base learning rate (default {d.lr})")
+    p.add_argument("--classifier-init", choices=("default", "zeros"), default=d.classifier_init,
+                   help="initialisation of the fresh classifier (zeros: no random-head noise into the backbone)")
+    p.add_argument("--classifier-lr", type=float, help="base learning rate of the fresh classifier (default: --lr)")
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     p.add_argument("--momentum", type=float, default=d.momentum, help="0 by default: state would break the budget")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
