@@ -79,7 +79,7 @@ def test_only_the_trained_slices_are_all_reduced(profile, monkeypatch):
     optimizer's tensors (selected slices + classifier), and the same numbers as one process."""
     reference = train.setup(tiny_config(profile))
     train.choose_selection(reference, 1)
-    train.train_epoch(reference, 1, train._make_optimizer(reference.config, train._trainable(reference)), False)
+    train.train_epoch(reference, 1, train._make_optimizer(reference), False)
 
     run = train.setup(tiny_config(profile))
     train.choose_selection(run, 1)
@@ -93,7 +93,7 @@ def test_only_the_trained_slices_are_all_reduced(profile, monkeypatch):
     monkeypatch.setattr(distributed, "rank_world", lambda: (0, 2))
     monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
     monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src, group=None, async_op=False: None)
-    train.train_epoch(run, 1, train._make_optimizer(run.config, trained), False)
+    train.train_epoch(run, 1, train._make_optimizer(run), False)
     monkeypatch.undo()
 
     steps = len(run.train_loader)
