@@ -3,7 +3,8 @@
 `SparseEngine(model, example_input)` prepares the model in place (no copy, no new module tree):
 - every Conv2d/Linear except the classifier computes through ChannelSparse*Fn: it keeps its weight
   and, when selected, only x[:, selected]; its weight gradient exists only for the selected slice;
-- every BatchNorm2d becomes a frozen per-channel affine map; ReLU/ReLU6/Hardtanh keep bit masks;
+- every BatchNorm2d becomes a frozen per-channel affine map, folded into the Conv2d right before it
+  where there is one (`fold_bn`); ReLU/ReLU6/Hardtanh keep bit masks;
   MaxPool2d keeps a 1-byte window position per output, AvgPool2d and global pooling keep nothing;
 - the classifier stays a stock layer and is trained in full; biases only with `train_bias`.
 The model keeps its parameter names: `model.state_dict()` is a normal checkpoint (it syncs the trained
@@ -48,6 +49,10 @@ class EngineConfig:
     train_bias: bool = False  # also train conv/linear biases and BatchNorm shifts (no activation cost)
     mask_bits: int = 1  # ReLU-family masks: 1 = bit-packed, 8 = bool
     strict: bool = True  # unknown layer kinds on the backprop path raise instead of using stock autograd
+    # Fold a frozen BatchNorm2d into the Conv2d right before it (same nn.Sequential, checked by one
+    # forward): the conv scales its weight per output channel, the BatchNorm becomes the identity, so
+    # neither forward nor backward makes a separate pass over the activation. Gradients are unchanged.
+    fold_bn: bool = True
 
 
 @dataclass
@@ -58,6 +63,7 @@ class LayerState:
     idx: torch.Tensor | None = None  # selected input channels
     w_slice: torch.Tensor | None = None  # trainable leaf: the weight entries of those channels
     on_saved: Callable[[torch.Tensor], None] | None = None  # measurement callback for kept slices
+    fold: nn.Module | None = None  # Conv2d only: the FoldedBatchNorm2d applied to its output, if any
     # Tensor versions at the last slice <-> weight write: a write happens only when one side changed,
     # so that a forward never bumps the version of a weight an earlier forward saved for backward.
     slice_version: int = -1
@@ -122,14 +128,18 @@ class SparseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.trady
         _write_slice(self, st)  # the model's own weight always holds the trained values
-        bias = self.bias
+        bias, scale = self.bias, None
+        if st.fold is not None:  # conv -> frozen BN as one conv: weight * scale (per output), bias -> shift
+            scale, shift = st.fold.trady_affine()
+            bias = shift if bias is None else shift + bias * scale
         bias_trains = bias is not None and bias.requires_grad
         if not torch.is_grad_enabled() or not (x.requires_grad or st.w_slice is not None or bias_trains):
-            return self._conv_forward(x, self.weight, bias)  # stock: no graph
+            weight = self.weight if scale is None else self.weight * scale.view(-1, 1, 1, 1)
+            return self._conv_forward(x, weight, bias)  # stock: no graph
         _no_autocast(x)
         return ops.ChannelSparseConv2dFn.apply(
             x, self.weight.detach(), bias, st.w_slice, st.idx,
-            self.stride, self.trady_padding, self.dilation, self.groups, st.on_saved, self.trady_extra_pad,
+            self.stride, self.trady_padding, self.dilation, self.groups, st.on_saved, self.trady_extra_pad, scale,
         )  # fmt: skip
 
 
@@ -150,7 +160,8 @@ class SparseLinear(nn.Linear):
 class FrozenBatchNorm2d(nn.BatchNorm2d):
     """Uses running statistics in train and eval mode alike; never updates them."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def trady_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift): y = x * scale + shift per channel; shift is differentiable in the bias only."""
         with torch.no_grad():
             scale = torch.rsqrt(self.running_var + self.eps)
             if self.weight is not None:
@@ -158,10 +169,21 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
             shift = -self.running_mean * scale
         if self.bias is not None:
             shift = shift + self.bias  # differentiable in the bias only (train_bias)
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.trady_affine()
         if not torch.is_grad_enabled() or not (x.requires_grad or shift.requires_grad):
             view = (1, -1, 1, 1)
             return torch.addcmul(shift.view(view), x, scale.view(view))
         return ops.FrozenAffineFn.apply(x, scale, shift)
+
+
+class FoldedBatchNorm2d(FrozenBatchNorm2d):
+    """A frozen BatchNorm folded into the Conv2d before it (which applies it): the identity here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class MaskedClamp(nn.Module):
@@ -241,7 +263,7 @@ _SWAPS: dict[type, type] = {
 }
 
 
-_ENGINE_CLASSES = frozenset(_SWAPS.values()) | {GlobalAvgPool2d}
+_ENGINE_CLASSES = frozenset(_SWAPS.values()) | {GlobalAvgPool2d, FoldedBatchNorm2d}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +385,8 @@ class SparseEngine:
         self.restored = False
         try:
             self._prepare()
+            if self.config.fold_bn:
+                self._fold_batchnorms(example_input)
         except BaseException:
             self.restore()  # never leave a half-prepared model behind
             raise
@@ -404,6 +428,47 @@ class SparseEngine:
                 e.sync()
 
         self._hooks.append(model.register_state_dict_pre_hook(sync_before_state_dict))
+
+    def _fold_batchnorms(self, example_input: torch.Tensor) -> None:
+        """Fold each frozen BatchNorm that takes exactly the output of the prepared Conv2d before it.
+
+        Candidates are adjacent (conv, BN) children of an nn.Sequential with the stock forward, where the
+        conv's output goes nowhere else; one no-grad forward then checks that each such BN is called
+        once, on that very output tensor (a BN reused elsewhere, or called out of order, stays as is).
+        """
+        pairs: dict[str, tuple[nn.Module, nn.Module]] = {}
+        for pname, parent in self.model.named_modules():
+            if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
+                continue
+            kids = list(parent.named_children())
+            for (a, conv), (_, bn) in zip(kids, kids[1:]):
+                name = f"{pname}.{a}" if pname else a
+                if (
+                    type(conv) is SparseConv2d
+                    and name in self.costs.by_name
+                    and type(bn) is FrozenBatchNorm2d
+                    and bn.num_features == conv.out_channels
+                ):
+                    pairs[name] = (conv, bn)
+        if not pairs:
+            return
+        outputs: dict[str, torch.Tensor] = {}
+        calls: dict[str, list[bool]] = {name: [] for name in pairs}
+        handles = []
+        for name, (conv, bn) in pairs.items():
+            handles.append(conv.register_forward_hook(lambda m, a, out, n=name: outputs.__setitem__(n, out)))
+            handles.append(bn.register_forward_pre_hook(lambda m, a, n=name: calls[n].append(a[0] is outputs.get(n))))
+        try:
+            with torch.no_grad():
+                self.model(example_input[:1])
+        finally:
+            for h in handles:
+                h.remove()
+            outputs.clear()
+        for name, (conv, bn) in pairs.items():
+            if calls[name] == [True]:
+                conv.trady.fold = bn
+                bn.__class__ = FoldedBatchNorm2d  # restore() returns it to its original class
 
     def _swap_target(self, name: str, module: nn.Module) -> type | None:
         """The engine class this module becomes, None to leave it alone; raises if it cannot be handled."""

@@ -13,7 +13,7 @@ import sys
 from trady.errors import TradyError
 
 # Module names under trady.cli, in the order `trady --help` lists them.
-COMMAND_MODULES = ["finetune", "plan", "sweep", "report", "models_cmd"]
+COMMAND_MODULES = ["finetune", "plan", "rank", "sweep", "report", "bench", "models_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,579 @@
+"""Engine benchmark: what a training step really keeps and costs, engine vs. stock PyTorch.
+
+One run measures four variants of a training step on deep copies of the same model, alternating:
+- full:        stock model, eval mode (frozen BatchNorm), every weight trained (dense backward);
+- simulation:  what the paper's code does: every parameter requires grad, dense backward, then each
+               partially selected weight's gradient is multiplied by a 0/1 input-channel mask and the
+               gradients of fully frozen tensors are zeroed, then the SGD step;
+- engine:      the SparseEngine-prepared copy, updating only the selection (plus the classifier);
+- forward:     forward + loss of the stock model under torch.no_grad (the floor).
+A step of (full, simulation, engine) is forward + cross-entropy + backward + SGD step (no momentum).
+
+Memory: bytes kept between forward and backward (`trady.engine.measure_saved_bytes`, each storage once,
+parameters and buffers excluded), the engine's budgeted part from `SparseEngine.measure_step` beside the
+analytic one, gradient bytes of each variant, and on CUDA the `torch.cuda.max_memory_allocated` delta
+of a step. Time: warm-up, then the variants run round-robin for `rounds` rounds; the median per variant.
+
+The selection is TraDy's: input channels drawn uniformly at random from the model's top layers (the
+shipped ranking profile's top-K, else the top fraction by execution order), each one added while its space
+cost still fits the budget (a channel that does not fit is skipped).
+
+Result keys (bytes, seconds): full_saved_bytes, simulation_saved_bytes, engine_saved_bytes,
+engine_budgeted_bytes (measured: kept slices + slice gradients), analytic_budgeted_bytes (costs.py),
+full_step_s, simulation_step_s, engine_step_s, forward_step_s (medians of wall time); *_step_cpu_s
+(medians of process CPU time), engine_forward_step_s (the engine-prepared model's no-grad forward, for
+reference), *_grad_bytes, engine_rest_saved_bytes, cuda_peak_delta_bytes (CUDA only), ratios, targets,
+setup, step_samples_s, selection; run_engine_bench adds model, config and environment.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trady import ops
+from trady.costs import CostTable, Selection, analyze, parse_budget
+from trady.engine import EngineConfig, SparseEngine, measure_saved_bytes
+from trady.errors import TradyError, unknown_name
+
+VARIANTS = ("full", "simulation", "engine", "forward")
+LAYER_CHOICES = ("auto", "profile", "top-fraction", "all")
+
+# The issue's targets, stated for the smallest budget (about 2.2% of full fine-tuning).
+TARGETS = {
+    "full_over_engine_saved_bytes": (">=", 50.0),
+    "engine_over_simulation_step": ("<=", 0.5),
+    "engine_over_forward_step": ("<=", 1.7),
+}
+
+
+@dataclass
+class EngineBenchConfig:
+    model: str = "mcunet-in1"
+    resolution: int = 128
+    batch_size: int = 32
+    budget: str = "2.2%"
+    layers: str = "auto"  # auto: the shipped profile's top-K if any, else top-fraction
+    top_fraction: float = 0.5  # share of the layers (execution order, closest to the classifier)
+    rounds: int = 7
+    warmup: int = 2
+    threads: int | None = None  # None: os.cpu_count()
+    device: str = "cpu"
+    seed: int = 0
+    lr: float = 1e-4
+    num_classes: int = 10
+    pretrained: bool = True
+    mask_bits: int = 1
+    # CPU: flush denormals to zero during the run. Freed gradient buffers full of denormals get reused
+    # uninitialised (e.g. as padded lanes of blocked conv layouts), and arithmetic on denormals is
+    # ~100x slower: without this, a full fine-tuning step slows every later variant down 3-6x.
+    flush_denormal: bool = True
+
+    def validate(self) -> None:
+        if self.layers not in LAYER_CHOICES:
+            raise unknown_name("layer choice", self.layers, LAYER_CHOICES)
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise TradyError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        for name in ("resolution", "batch_size", "rounds"):
+            if getattr(self, name) < 1:
+                raise TradyError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise TradyError(f"warmup must be >= 0, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise TradyError(f"threads must be >= 1, got {self.threads}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise TradyError(f"device {self.device!r} not supported; accepted: cpu, cuda, cuda:N")
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------------
+
+
+def top_layers(costs: CostTable, fraction: float) -> list[str]:
+    """The last ceil(fraction * n) layers by execution order (closest to the classifier)."""
+    n = len(costs.layers)
+    k = max(1, min(n, math.ceil(fraction * n)))
+    return costs.names[n - k :]
+
+
+def candidate_layers(
+    costs: CostTable, choice: str, model_name: str | None = None, top_fraction: float = 0.5
+) -> tuple[list[str], str]:
+    """(layer names to draw channels from, in execution order; a description of where they come from)."""
+    if choice not in LAYER_CHOICES:
+        raise unknown_name("layer choice", choice, LAYER_CHOICES)
+    if choice == "all":
+        return list(costs.names), "all layers"
+    if choice in ("auto", "profile"):
+        profile = None
+        if model_name is not None:
+            try:
+                from trady import ranking
+
+                profile = ranking.load_profile(model_name)
+            except (ImportError, TradyError):
+                if choice == "profile":
+                    raise
+        elif choice == "profile":
+            raise TradyError("layers='profile' needs a zoo model name with a shipped ranking profile")
+        if profile is not None:
+            profile.check_layers(costs)
+            chosen = set(profile.top_k())
+            names = [n for n in costs.names if n in chosen]
+            return names, f"profile top-K (K={len(names)} of {len(costs.names)})"
+    names = top_layers(costs, top_fraction)
+    return names, f"top {top_fraction:.0%} by execution order ({len(names)} of {len(costs.names)})"
+
+
+def random_selection(
+    costs: CostTable, layers: Sequence[str], budget_units: int, generator: torch.Generator
+) -> Selection:
+    """Channels of `layers` in uniform random order, each added while its space cost still fits."""
+    pool = [(name, c) for name in layers for c in range(costs.by_name[name].in_channels)]
+    if not pool:
+        return {}
+    cheapest = min(costs.by_name[n].space_units_per_channel for n in layers)
+    if budget_units < cheapest:
+        raise TradyError(
+            f"budget of {budget_units} units fits no channel of the chosen layers (cheapest: {cheapest} units)"
+        )
+    left = int(budget_units)
+    chosen: dict[str, list[int]] = {}
+    for i in torch.randperm(len(pool), generator=generator).tolist():
+        if left < cheapest:
+            break
+        name, c = pool[i]
+        cost = costs.by_name[name].space_units_per_channel
+        if cost <= left:
+            chosen.setdefault(name, []).append(c)
+            left -= cost
+    return {n: torch.tensor(sorted(chosen[n]), dtype=torch.int64) for n in costs.names if n in chosen}
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulation's gradient masks (what the paper's code does after a dense backward)
+# ---------------------------------------------------------------------------------------------
+
+
+def _input_channel_mask(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """0/1 tensor broadcastable to the module's weight: 1 on the weights of input channels `idx`."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        mask = torch.zeros(1, w.shape[1], dtype=w.dtype, device=w.device)
+        mask[0, idx.to(w.device)] = 1
+        return mask
+    groups = module.groups
+    cout, cin_g = w.shape[:2]
+    ones = torch.ones(idx.numel(), cout // groups, 1, 1, dtype=w.dtype, device=w.device)
+    mask = torch.zeros(cout, cin_g, 1, 1, dtype=w.dtype, device=w.device)
+    ops.scatter_slice_(mask, idx.to(w.device), ones if groups > 1 else ones.transpose(0, 1), groups)
+    return mask
+
+
+def simulation_masks(
+    model: nn.Module, costs: CostTable, selection: Selection
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(parameter, mask) for every parameter outside the classifier; mask None: zero the whole gradient."""
+    classifier = model.get_submodule(costs.classifier)
+    keep = {id(p) for p in classifier.parameters()}
+    masks: dict[int, torch.Tensor] = {}
+    for name, idx in selection.items():
+        module = model.get_submodule(name)
+        masks[id(module.weight)] = _input_channel_mask(module, idx)
+    return [(p, masks.get(id(p))) for p in model.parameters() if id(p) not in keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _grad_bytes(params: Sequence[torch.Tensor]) -> int:
+    return sum(p.grad.nbytes for p in params if p.grad is not None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cuda_peak_delta(device: torch.device, clear: Callable[[], None], step: Callable[[], None]) -> int:
+    """Peak bytes allocated during `step` above what was allocated before it (gradients cleared first)."""
+    clear()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_engine(
+    model: nn.Module,
+    *,
+    resolution: int = 128,
+    batch_size: int = 32,
+    budget: str | int = "2.2%",
+    layers: str = "auto",
+    top_fraction: float = 0.5,
+    model_name: str | None = None,
+    selection: Selection | None = None,
+    rounds: int = 7,
+    warmup: int = 2,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    lr: float = 1e-4,
+    mask_bits: int = 1,
+    in_channels: int = 3,
+) -> dict:
+    """Measure full fine-tuning, the simulation, the engine and forward-only on copies of `model`.
+
+    `model` is left untouched (everything runs on deep copies). `selection` overrides the random one.
+    Returns a JSON-ready dict (keys: see the module docstring).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TradyError("device 'cuda' requested but torch.cuda.is_available() is False; accepted here: cpu")
+    gen = torch.Generator().manual_seed(seed)
+    base = copy.deepcopy(model).to(device).eval()
+    x = torch.randn(batch_size, in_channels, resolution, resolution, generator=gen).to(device)
+    costs = analyze(base, example_input=x[:1])
+    with torch.no_grad():
+        n_classes = int(base(x[:1]).shape[-1])
+    y = torch.randint(0, n_classes, (batch_size,), generator=gen).to(device)
+
+    budget_units = parse_budget(budget, costs)
+    if selection is None:
+        names, layer_source = candidate_layers(costs, layers, model_name, top_fraction)
+        selection = random_selection(costs, names, budget_units, gen)
+    else:
+        names, layer_source = sorted(selection), "given selection"
+    selection = costs.check_selection(selection)
+    selection = {n: i.to(device) for n, i in selection.items()}
+
+    # Three copies: full (also used for forward-only, under no_grad), simulation, engine.
+    m_full = base
+    m_sim = copy.deepcopy(base)
+    m_eng = copy.deepcopy(base)
+    for m in (m_full, m_sim):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    engine = SparseEngine(m_eng, x[:1], EngineConfig(classifier=costs.classifier, mask_bits=mask_bits))
+    engine.select(selection)
+    m_eng.eval()
+
+    p_full = list(m_full.parameters())
+    p_sim = list(m_sim.parameters())
+    p_eng = engine.parameters()
+    opt_full = torch.optim.SGD(p_full, lr=lr)
+    opt_sim = torch.optim.SGD(p_sim, lr=lr)
+    opt_eng = torch.optim.SGD(p_eng, lr=lr)
+    masks = simulation_masks(m_sim, costs, selection)
+
+    def apply_masks() -> None:
+        with torch.no_grad():
+            for p, mask in masks:
+                if p.grad is None:
+                    continue
+                if mask is None:
+                    p.grad.zero_()
+                else:
+                    p.grad.mul_(mask)
+
+    def loss_of(m: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(m(x), y)
+
+    def full_step() -> None:
+        opt_full.zero_grad(set_to_none=True)
+        loss_of(m_full).backward()
+        opt_full.step()
+
+    def sim_step() -> None:
+        opt_sim.zero_grad(set_to_none=True)
+        loss_of(m_sim).backward()
+        apply_masks()
+        opt_sim.step()
+
+    def eng_step() -> None:
+        opt_eng.zero_grad(set_to_none=True)
+        loss_of(m_eng).backward()
+        opt_eng.step()
+
+    def fwd_step() -> None:
+        with torch.no_grad():
+            loss_of(m_full)
+
+    def eng_fwd_step() -> None:  # extra, for transparency: the engine-prepared model's own forward
+        with torch.no_grad():
+            loss_of(m_eng)
+
+    steps = {
+        "full": full_step,
+        "simulation": sim_step,
+        "engine": eng_step,
+        "forward": fwd_step,
+        "engine_forward": eng_fwd_step,
+    }
+    clears = {
+        "full": lambda: opt_full.zero_grad(set_to_none=True),
+        "simulation": lambda: opt_sim.zero_grad(set_to_none=True),
+        "engine": lambda: opt_eng.zero_grad(set_to_none=True),
+        "forward": lambda: None,
+        "engine_forward": lambda: None,
+    }
+
+    # -- memory: one measured step per trained variant
+    opt_full.zero_grad(set_to_none=True)
+    saved_full = measure_saved_bytes(m_full, lambda: loss_of(m_full))
+    full_saved = saved_full.total
+    saved_full.loss.backward()
+    full_grad = _grad_bytes(p_full)
+    opt_full.step()
+
+    opt_sim.zero_grad(set_to_none=True)
+    saved_sim = measure_saved_bytes(m_sim, lambda: loss_of(m_sim))
+    sim_saved = saved_sim.total
+    saved_sim.loss.backward()
+    apply_masks()
+    sim_grad = _grad_bytes(p_sim)
+    opt_sim.step()
+
+    opt_eng.zero_grad(set_to_none=True)
+    report = engine.measure_step(x, y, optimizer=opt_eng)
+    eng_grad = report.budgeted_grad_bytes + report.other_grad_bytes
+    del saved_full, saved_sim
+
+    cuda_peak = None
+    if device.type == "cuda":
+        cuda_peak = {v: _cuda_peak_delta(device, clears[v], steps[v]) for v in VARIANTS}
+
+    # -- time: warm-up, then round-robin (the first variant of a round rotates)
+    timed = (*VARIANTS, "engine_forward")
+    for _ in range(warmup):
+        for v in timed:
+            steps[v]()
+    _sync(device)
+    samples: dict[str, list[float]] = {v: [] for v in timed}
+    cpu_samples: dict[str, list[float]] = {v: [] for v in timed}
+    for r in range(rounds):
+        k = r % len(timed)
+        for v in timed[k:] + timed[:k]:
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps[v]()
+            _sync(device)
+            samples[v].append(time.perf_counter() - t0)
+            cpu_samples[v].append(time.process_time() - c0)
+    med = {v: _median(samples[v]) for v in timed}
+    engine.sync()
+
+    result = {
+        "full_saved_bytes": full_saved,
+        "simulation_saved_bytes": sim_saved,
+        "engine_saved_bytes": report.saved_bytes,
+        "engine_budgeted_bytes": report.budgeted_bytes,
+        "analytic_budgeted_bytes": report.analytic_budgeted_bytes,
+        "full_step_s": med["full"],
+        "simulation_step_s": med["simulation"],
+        "engine_step_s": med["engine"],
+        "forward_step_s": med["forward"],
+        "full_step_cpu_s": _median(cpu_samples["full"]),
+        "simulation_step_cpu_s": _median(cpu_samples["simulation"]),
+        "engine_step_cpu_s": _median(cpu_samples["engine"]),
+        "forward_step_cpu_s": _median(cpu_samples["forward"]),
+        "engine_forward_step_s": med["engine_forward"],
+        "engine_forward_step_cpu_s": _median(cpu_samples["engine_forward"]),
+        "full_grad_bytes": full_grad,
+        "simulation_grad_bytes": sim_grad,
+        "engine_grad_bytes": eng_grad,
+        "engine_budgeted_activation_bytes": report.budgeted_activation_bytes,
+        "engine_budgeted_grad_bytes": report.budgeted_grad_bytes,
+        "engine_rest_saved_bytes": report.rest_saved_bytes,
+        "engine_saved_by_dtype": dict(report.saved_by_kind),
+        "cuda_peak_delta_bytes": cuda_peak,
+    }
+    result["ratios"] = ratios(result)
+    result["targets"] = check_targets(result["ratios"])
+    sparsity = costs.sparsity(selection)
+    result["setup"] = {
+        "resolution": resolution,
+        "batch_size": batch_size,
+        "budget": str(budget),
+        "budget_units": budget_units,
+        "full_units": costs.full_units,
+        "selected_units": costs.selection_units(selection),
+        "selected_channels": int(sum(len(i) for i in selection.values())),
+        "selected_layers": len(selection),
+        "lowest_selected_layer": next(iter(selection), None),
+        "layer_source": layer_source,
+        "candidate_layers": len(names),
+        "total_layers": len(costs.layers),
+        "classifier": costs.classifier,
+        "rounds": rounds,
+        "warmup": warmup,
+        "device": str(device),
+        "seed": seed,
+        "lr": lr,
+        "mask_bits": mask_bits,
+        **sparsity,
+    }
+    result["step_samples_s"] = samples
+    result["step_cpu_samples_s"] = cpu_samples
+    result["selection"] = {n: i.tolist() for n, i in selection.items()}
+    return result
+
+
+def ratios(r: dict) -> dict[str, float]:
+    def div(a, b):
+        return float(a) / float(b) if b else float("inf")
+
+    return {
+        "full_over_engine_saved_bytes": div(r["full_saved_bytes"], r["engine_saved_bytes"]),
+        "simulation_over_engine_saved_bytes": div(r["simulation_saved_bytes"], r["engine_saved_bytes"]),
+        "engine_over_simulation_step": div(r["engine_step_s"], r["simulation_step_s"]),
+        "engine_over_forward_step": div(r["engine_step_s"], r["forward_step_s"]),
+        "engine_over_full_step": div(r["engine_step_s"], r["full_step_s"]),
+        "engine_over_engine_forward_step": div(r["engine_step_s"], r["engine_forward_step_s"]),
+        "engine_over_forward_step_cpu": div(r["engine_step_cpu_s"], r["forward_step_cpu_s"]),
+        "engine_over_simulation_step_cpu": div(r["engine_step_cpu_s"], r["simulation_step_cpu_s"]),
+        "full_over_forward_step": div(r["full_step_s"], r["forward_step_s"]),
+        "simulation_over_forward_step": div(r["simulation_step_s"], r["forward_step_s"]),
+    }
+
+
+def check_targets(rat: dict[str, float]) -> dict[str, dict]:
+    out = {}
+    for key, (op, bound) in TARGETS.items():
+        value = rat[key]
+        met = value >= bound if op == ">=" else value <= bound
+        out[key] = {"value": value, "target": f"{op} {bound:g}", "met": bool(met)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point by model name, environment, table
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int, device: torch.device | str = "cpu") -> dict:
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": threads,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def run_engine_bench(config: EngineBenchConfig, model: nn.Module | None = None) -> dict:
+    """Build the zoo model `config.model` (unless `model` is given), set threads, run bench_engine."""
+    config.validate()
+    threads = config.threads or os.cpu_count() or 1
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+    if model is None:
+        from trady import models
+
+        model = models.create(config.model, pretrained=config.pretrained, num_classes=config.num_classes)
+    flushing = config.flush_denormal and torch.set_flush_denormal(True)
+    try:
+        result = bench_engine(
+            model,
+            resolution=config.resolution,
+            batch_size=config.batch_size,
+            budget=config.budget,
+            layers=config.layers,
+            top_fraction=config.top_fraction,
+            model_name=config.model,
+            rounds=config.rounds,
+            warmup=config.warmup,
+            device=config.device,
+            seed=config.seed,
+            lr=config.lr,
+            mask_bits=config.mask_bits,
+        )
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
+        torch.set_num_threads(previous_threads)
+    result["model"] = config.model
+    result["config"] = asdict(config)
+    result["environment"] = environment(threads, config.device)
+    result["environment"]["flush_denormal"] = bool(flushing)
+    return result
+
+
+def _mib(n: int | float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def format_result(r: dict) -> str:
+    """A human-readable table of one benchmark result."""
+    s = r["setup"]
+    lines = [
+        f"engine benchmark: {r.get('model', 'model')} @ {s['resolution']} px, batch {s['batch_size']}, "
+        f"budget {s['budget']} = {s['budget_units']} units ({s['selected_units']} used), "
+        f"{s['selected_channels']} channels in {s['selected_layers']} layers from {s['layer_source']}",
+        "",
+        f"{'variant':<16}{'saved for backward':>20}{'gradients':>14}{'step (median)':>16}{'x forward':>11}"
+        f"{'CPU time':>13}{'x forward':>11}",
+    ]
+    fwd, fwd_cpu = r["forward_step_s"], r.get("forward_step_cpu_s")
+    for v in (*VARIANTS, "engine_forward"):
+        saved = r.get(f"{v}_saved_bytes")
+        grad = r.get(f"{v}_grad_bytes")
+        t, c = r[f"{v}_step_s"], r.get(f"{v}_step_cpu_s")
+        cpu = f"{c * 1e3:>10.1f} ms{c / fwd_cpu:>10.2f}x" if c is not None and fwd_cpu else f"{'-':>13}{'-':>11}"
+        lines.append(
+            f"{v:<16}{_mib(saved) if saved is not None else '-':>20}{_mib(grad) if grad is not None else '-':>14}"
+            f"{t * 1e3:>13.1f} ms{t / fwd if fwd else float('nan'):>10.2f}x{cpu}"
+        )
+    lines += [
+        "",
+        f"engine budgeted bytes: measured {r['engine_budgeted_bytes']} / analytic {r['analytic_budgeted_bytes']}"
+        f"  (rest kept: {_mib(r['engine_rest_saved_bytes'])})",
+    ]
+    if r.get("cuda_peak_delta_bytes"):
+        peaks = ", ".join(f"{v} {_mib(b)}" for v, b in r["cuda_peak_delta_bytes"].items())
+        lines.append(f"CUDA peak allocated during a step: {peaks}")
+    lines.append("")
+    for key, t in r["targets"].items():
+        lines.append(f"{key:<32}{t['value']:>9.2f}  target {t['target']:<8} {'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)

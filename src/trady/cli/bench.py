@@ -1,0 +1,109 @@
+"""`trady bench engine`: what a training step keeps and costs, engine vs. stock PyTorch (trady.bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from trady.errors import TradyError
+from trady.io import write_json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmarks (engine: memory kept for backward and step time vs. stock PyTorch)",
+        description="Benchmarks of trady's machinery.",
+    )
+    sub = p.add_subparsers(dest="bench_command", metavar="<benchmark>")
+    e = sub.add_parser(
+        "engine",
+        help="full fine-tuning vs. the paper's simulation vs. the engine vs. forward-only, in one run",
+        description=(
+            "Measure, on deep copies of one model, alternating round-robin and taking the median of "
+            "--rounds steps: (a) full fine-tuning, (b) the simulation the paper's code uses (dense "
+            "backward, then gradients multiplied by 0/1 input-channel masks), (c) the channel-sparse "
+            "engine, (d) forward only (no_grad). A step is forward + cross-entropy + backward + SGD step. "
+            "Memory: bytes kept for backward (saved-tensor hooks, each storage once, parameters excluded), "
+            "the engine's budgeted bytes measured and analytic, gradient bytes, and on CUDA the peak "
+            "allocation of a step. The selection: random input channels of the model's top layers "
+            "until the budget is full."
+        ),
+        epilog="example: trady bench engine --model mcunet-in1 --resolution 128 --batch-size 32 --budget 2.2%",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("--model", required=True, help="zoo model name (trady models)")
+    e.add_argument("--resolution", type=int, default=128, help="input size in pixels (default 128)")
+    e.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    e.add_argument("--budget", default="2.2%", help="units (27946), bytes (256KB) or share of full fine-tuning (2.2%%)")
+    e.add_argument(
+        "--layers",
+        default="auto",
+        choices=["auto", "profile", "top-fraction", "all"],
+        help="layers to draw channels from: the shipped profile's top-K (profile), the top --top-fraction "
+        "by execution order (top-fraction), all layers, or auto = profile if shipped else top-fraction",
+    )
+    e.add_argument("--top-fraction", type=float, default=0.5, help="share of layers for top-fraction (default 0.5)")
+    e.add_argument("--rounds", type=int, default=7, help="timed round-robin rounds; medians over them (default 7)")
+    e.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds (default 2)")
+    e.add_argument("--threads", type=int, default=None, help="torch threads (default: CPU count)")
+    e.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    e.add_argument("--seed", type=int, default=0, help="seed of the input batch and the selection (default 0)")
+    e.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate of the timed steps (default 1e-4)")
+    e.add_argument("--num-classes", type=int, default=10, help="size of the fresh classifier (default 10)")
+    e.add_argument("--no-pretrained", action="store_true", help="random weights instead of the pretrained ones")
+    e.add_argument("--mask-bits", type=int, default=1, choices=[1, 8], help="ReLU mask bits in the engine (default 1)")
+    e.add_argument(
+        "--no-flush-denormal",
+        action="store_true",
+        help="keep denormal arithmetic on CPU (by default flushed to zero during the run: reused buffers "
+        "full of denormals otherwise slow every variant down several times)",
+    )
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--out", default=None, help="also write the JSON result to this file")
+    e.set_defaults(func=run)
+    p.set_defaults(func=lambda args: _missing(p))
+
+
+def _missing(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from trady.bench import EngineBenchConfig, format_result, run_engine_bench
+
+    config = EngineBenchConfig(
+        model=args.model,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        budget=args.budget,
+        layers=args.layers,
+        top_fraction=args.top_fraction,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        threads=args.threads,
+        device=args.device,
+        seed=args.seed,
+        lr=args.lr,
+        num_classes=args.num_classes,
+        pretrained=not args.no_pretrained,
+        mask_bits=args.mask_bits,
+        flush_denormal=not args.no_flush_denormal,
+    )
+    if config.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TradyError(f"device {config.device!r} requested but no CUDA device is available; accepted here: cpu")
+    result = run_engine_bench(config)
+    result["environment"]["command"] = "trady " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.out:
+        write_json(args.out, result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_result(result))
+    return 0
