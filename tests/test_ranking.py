@@ -272,3 +272,9 @@ def test_compute_profile_and_cli(tmp_path):
     assert p.iterations == 5 and len(p.layers) > 10
     assert all(lay.rgn > 0 for lay in p.layers[1:])
     assert (tmp_path / "p.png").exists()
+
+
+def test_compute_profile_rejects_bad_settings():
+    for kwargs, match in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"threshold": 1.5}, "threshold")]:
+        with pytest.raises(TradyError, match=match):
+            ranking.compute_profile("mcunet-in1", **kwargs)
