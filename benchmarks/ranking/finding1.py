@@ -7,7 +7,7 @@ digits seed 0 (the shipped profile when its settings match), digits seed 1, Fash
 Reports the Spearman correlation of the layer RGN (and of LaRa) over the layers, the K of each
 profile and the Jaccard overlap of the top-K sets.
 
-    .venv/bin/python benchmarks/ranking/finding1.py [--models mcunet-in1 mbv2-w0.35] [--threads 2]
+    .venv/bin/python benchmarks/ranking/finding1.py [--models mcunet-in1 mbv2-w0.35 mobilenet_v2] [--force]
 
 Writes benchmarks/ranking/results/finding1.json; the profiles it computes are cached under
 benchmarks/ranking/results/profiles/ (delete them, or pass --force, to recompute).
@@ -68,7 +68,7 @@ def overlap(a: RankingProfile, b: RankingProfile) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["mcunet-in1", "mbv2-w0.35"])
+    ap.add_argument("--models", nargs="+", default=["mcunet-in1", "mbv2-w0.35", "mobilenet_v2"])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--train-size", type=int, default=512)
     ap.add_argument("--resolution", type=int, default=128)
@@ -114,6 +114,7 @@ def main() -> None:
             "resolution": args.resolution,
             "batch_size": 32,
             "lr": 0.05,
+            "clip_grad_norm": 1.0,
             "schedule": "cosine",
             "batchnorm": "frozen",
             "threshold": 0.97,
