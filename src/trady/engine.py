@@ -596,6 +596,28 @@ class SparseEngine:
             return PRECISION_OF_DTYPE.get(module.weight.dtype, "fp32")
         return "fp32"
 
+    def measure_saved(self, step: Callable[[], torch.Tensor]) -> tuple[SavedTensors, int]:
+        """Run `step()` (forward + loss) counting every byte kept for backward.
+
+        Returns the count and the bytes of its budgeted part (the kept input slices of selected channels).
+        """
+        budget_keys: set[tuple] = set()
+
+        def on_saved(t: torch.Tensor) -> None:
+            budget_keys.add(_storage_key(t))
+
+        for module in self.layers.values():
+            module.trady.on_saved = on_saved
+        try:
+            # The slices and their channel indices are engine state that lives on anyway: no extra memory.
+            persistent = self.slice_parameters()
+            persistent += [m.trady.idx for m in self.layers.values() if m.trady.idx is not None]
+            saved = measure_saved_bytes(self.model, step, exclude=persistent)
+        finally:
+            for module in self.layers.values():
+                module.trady.on_saved = None
+        return saved, sum(saved.per_storage.get(k, 0) for k in budget_keys)
+
     def measure_step(
         self,
         x: torch.Tensor,
@@ -604,24 +626,10 @@ class SparseEngine:
         optimizer: torch.optim.Optimizer | None = None,
     ) -> MemoryReport:
         """One real forward/backward (and optimizer step, if given) with every kept byte counted."""
-        budget_keys: set[tuple] = set()
-
-        def on_saved(t: torch.Tensor) -> None:
-            budget_keys.add(_storage_key(t))
-
-        for module in self.layers.values():
-            module.trady.on_saved = on_saved
         params = self.parameters()
         for p in params:
             p.grad = None
-        try:
-            # The slices and their channel indices are engine state that lives on anyway: no extra memory.
-            persistent = self.slice_parameters()
-            persistent += [m.trady.idx for m in self.layers.values() if m.trady.idx is not None]
-            saved = measure_saved_bytes(self.model, lambda: loss_fn(self.model(x), y), exclude=persistent)
-        finally:
-            for module in self.layers.values():
-                module.trady.on_saved = None
+        saved, budget_act = self.measure_saved(lambda: loss_fn(self.model(x), y))
         saved.loss.backward()
         slice_ids = {id(p) for p in self.slice_parameters()}
         budget_grad = sum(p.grad.nbytes for p in params if id(p) in slice_ids and p.grad is not None)
@@ -633,7 +641,7 @@ class SparseEngine:
         return MemoryReport(
             batch_size=int(x.shape[0]),
             saved_bytes=saved.total,
-            budgeted_activation_bytes=sum(saved.per_storage.get(k, 0) for k in budget_keys),
+            budgeted_activation_bytes=budget_act,
             budgeted_grad_bytes=budget_grad,
             other_grad_bytes=other_grad,
             optimizer_state_bytes=opt_bytes,

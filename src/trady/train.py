@@ -362,15 +362,7 @@ def _measured_forward(run: Run, x: torch.Tensor, y: torch.Tensor):
         return F.cross_entropy(holder["logits"], y)
 
     if run.engine is not None:
-        budget_keys: set = set()
-        for m in run.engine.layers.values():
-            m.trady.on_saved = lambda t, keys=budget_keys: keys.add((t.device.type, t.untyped_storage().data_ptr()))
-        try:
-            saved = measure_saved_bytes(run.model, step, exclude=run.engine.slice_parameters())
-        finally:
-            for m in run.engine.layers.values():
-                m.trady.on_saved = None
-        act = sum(saved.per_storage.get(k, 0) for k in budget_keys)
+        saved, act = run.engine.measure_saved(step)
         grad = sum(p.numel() * p.element_size() for p in run.engine.slice_parameters())
         budgeted = act + grad
     else:
