@@ -15,7 +15,6 @@ from test_train import (
     _SHIM,
     cli,
     metrics,
-    needs_mcu,
     one_thread,  # noqa: F401  (a fixture)
     run_args,
     shared_profile,
@@ -25,8 +24,6 @@ from test_train import (
 )
 from trady import distributed, train
 from trady.errors import TradyError
-
-pytestmark = needs_mcu
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 EXACT = ("epoch", "lr", "selected_channels", "selected_units", "activation_sparsity", "weight_sparsity",

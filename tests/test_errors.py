@@ -12,12 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from test_train import MODEL, RESOLUTION, cli, metrics, needs_mcu, reference_run, run_args, shared_profile, weights
+from test_train import MODEL, RESOLUTION, cli, metrics, reference_run, run_args, shared_profile, weights
 from trady import models, train
 from trady.costs import analyze
 from trady.io import read_jsonl
-
-pytestmark = needs_mcu
 
 
 @pytest.fixture(scope="module")

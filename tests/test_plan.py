@@ -7,8 +7,9 @@ import json
 import pytest
 
 from trady import cli
+from trady.models.mcu import default_mcu_dir
 
-MCU_DIR = "/work/shared/models/mcu"
+MCU_DIR = str(default_mcu_dir())  # ../shared/models/mcu beside the repository
 LAYER_KEYS = {
     "name",
     "kind",

@@ -25,7 +25,6 @@ from test_train import (
     assert_same_weights,
     cli,
     metrics,
-    needs_mcu,
     reference_run,
     run_args,
     shared_profile,
@@ -34,8 +33,6 @@ from test_train import (
 )
 from trady import train
 from trady.io import read_jsonl, write_jsonl
-
-pytestmark = needs_mcu
 
 
 @pytest.fixture(scope="module")

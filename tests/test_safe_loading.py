@@ -12,13 +12,11 @@ import pytest
 import torch
 
 from test_errors import error_line
-from test_train import MODEL, cli, needs_mcu, tiny_config, write_profile
+from test_train import MODEL, cli, tiny_config, write_profile
 from trady import models, train
 from trady.errors import TradyError
 from trady.io import write_json
 from trady.models import mcu
-
-pytestmark = needs_mcu
 
 
 class Payload:

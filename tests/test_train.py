@@ -18,17 +18,12 @@ from trady import models, train
 from trady.config import FinetuneConfig
 from trady.costs import analyze
 from trady.io import read_jsonl
-from trady.models.mcu import default_mcu_dir
 from trady.ranking import LayerRank, RankingProfile
 
 MODEL = "mbv2-w0.35"
 RESOLUTION = 32
 TIMING_FIELDS = {"epoch_time_s", "wall_time_s"}
 
-needs_mcu = pytest.mark.skipif(
-    not (default_mcu_dir() / "mbv2-w0.35.pkl").is_file(), reason="MCU model files (../shared/models/mcu) missing"
-)
-pytestmark = needs_mcu
 
 
 # --------------------------------------------------------------------------------------------------
