@@ -867,3 +867,20 @@ def test_out_of_range_channel_names_layer_and_range(bad: int) -> None:
 def test_mask_bits_must_be_1_or_8() -> None:
     with pytest.raises(TradyError, match="mask_bits"):
         SparseEngine(Chain(), torch.randn(1, 3, 8, 8), EngineConfig(mask_bits=4))
+
+
+def test_load_after_an_optimizer_step_is_not_reverted() -> None:
+    """opt.step() then model.load_state_dict(): the loaded values win, in the weight and the slice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(64, 2))
+    x, y = torch.randn(2, 3, 4, 4), torch.tensor([0, 1])
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = SparseEngine(model, x)
+    engine.select({"2": [0, 1]})
+    opt = torch.optim.SGD(engine.parameters(), lr=0.5)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    model.load_state_dict(original)
+    model(x)  # the forward brings weight and slice into agreement
+    assert torch.equal(model[2].weight, original["2.weight"])
+    assert torch.equal(model[2].trady.w_slice, original["2.weight"][:, [0, 1]])

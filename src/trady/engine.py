@@ -429,6 +429,15 @@ class SparseEngine:
 
         self._hooks.append(model.register_state_dict_pre_hook(sync_before_state_dict))
 
+        # Write pending slice updates before a load, so that the load is the newest change to the weight
+        # and the next forward reads the loaded values into the slice (never the reverse).
+        def sync_before_load(module, state_dict, *args):
+            e = engine()
+            if e is not None and not e.restored:
+                e.sync()
+
+        self._hooks.append(model.register_load_state_dict_pre_hook(sync_before_load))
+
     def _fold_batchnorms(self, example_input: torch.Tensor) -> None:
         """Fold each frozen BatchNorm that takes exactly the output of the prepared Conv2d before it.
 
