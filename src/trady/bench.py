@@ -141,25 +141,16 @@ def random_selection(
     costs: CostTable, layers: Sequence[str], budget_units: int, generator: torch.Generator
 ) -> Selection:
     """Channels of `layers` in uniform random order, each added while its space cost still fits."""
-    pool = [(name, c) for name in layers for c in range(costs.by_name[name].in_channels)]
-    if not pool:
+    from trady.strategies import fill_budget, uniform_candidates
+
+    if not layers:
         return {}
     cheapest = min(costs.by_name[n].space_units_per_channel for n in layers)
     if budget_units < cheapest:
         raise TradyError(
             f"budget of {budget_units} units fits no channel of the chosen layers (cheapest: {cheapest} units)"
         )
-    left = int(budget_units)
-    chosen: dict[str, list[int]] = {}
-    for i in torch.randperm(len(pool), generator=generator).tolist():
-        if left < cheapest:
-            break
-        name, c = pool[i]
-        cost = costs.by_name[name].space_units_per_channel
-        if cost <= left:
-            chosen.setdefault(name, []).append(c)
-            left -= cost
-    return {n: torch.tensor(sorted(chosen[n]), dtype=torch.int64) for n in costs.names if n in chosen}
+    return fill_budget(costs, uniform_candidates(costs, layers, generator), budget_units)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from trady.errors import TradyError, unknown_name
+from trady.ops import pair
 
 Selection = dict[str, torch.Tensor]  # layer name -> sorted unique input-channel indices (int64)
 
@@ -190,9 +191,6 @@ def bytes_per_slot(precision: str) -> int:
     return BYTES_PER_SLOT[precision]
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
 
 def updatable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Conv2d and Linear modules by qualified name (the layers whose input channels can be updated)."""
@@ -233,8 +231,8 @@ def _same_padding(conv: nn.Conv2d) -> tuple[int, int]:
     """Top/left padding of padding='same' ('valid': 0); an odd total puts the extra at the bottom/right."""
     if conv.padding == "valid":
         return (0, 0)
-    kh, kw = _pair(conv.kernel_size)
-    dh, dw = _pair(conv.dilation)
+    kh, kw = pair(conv.kernel_size)
+    dh, dw = pair(conv.dilation)
     return (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
 
 
@@ -247,13 +245,13 @@ def layer_info(name: str, module: nn.Module, in_shape: tuple, out_shape: tuple) 
             kind="depthwise" if depthwise else "conv",
             in_channels=module.in_channels,
             out_channels=module.out_channels,
-            kernel_size=_pair(module.kernel_size),
+            kernel_size=pair(module.kernel_size),
             groups=groups,
             input_hw=(int(in_shape[-2]), int(in_shape[-1])),
             output_hw=(int(out_shape[-2]), int(out_shape[-1])),
-            stride=_pair(module.stride),
-            padding=_pair(module.padding) if not isinstance(module.padding, str) else _same_padding(module),
-            dilation=_pair(module.dilation),
+            stride=pair(module.stride),
+            padding=pair(module.padding) if not isinstance(module.padding, str) else _same_padding(module),
+            dilation=pair(module.dilation),
         )
     tokens = int(math.prod(in_shape[1:-1])) if len(in_shape) > 2 else 1
     return LayerInfo(

@@ -135,7 +135,8 @@ class SparseConv2d(nn.Conv2d):
         bias_trains = bias is not None and bias.requires_grad
         if not torch.is_grad_enabled() or not (x.requires_grad or st.w_slice is not None or bias_trains):
             weight = self.weight if scale is None else self.weight * scale.view(-1, 1, 1, 1)
-            return self._conv_forward(x, weight, bias)  # stock: no graph
+            # no graph: a plain conv (padding_mode is 'zeros', checked at preparation)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         _no_autocast(x)
         return ops.ChannelSparseConv2dFn.apply(
             x, self.weight.detach(), bias, st.w_slice, st.idx,
@@ -223,19 +224,16 @@ class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
         return x.mean((-2, -1), keepdim=True)
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
 
 class ArgmaxMaxPool2d(nn.MaxPool2d):
     """MaxPool2d whose backward keeps a uint8 window position per output element, not its input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = _pair(self.kernel_size)
+        k = ops.pair(self.kernel_size)
         if not torch.is_grad_enabled() or not x.requires_grad or self.return_indices or k[0] * k[1] > 256:
             return super().forward(x)  # stock (kernels over 256 positions keep int64 indices and the input)
         return ops.MaxPool2dArgmaxFn.apply(
-            x, k, _pair(self.stride), _pair(self.padding), _pair(self.dilation), self.ceil_mode
+            x, k, ops.pair(self.stride), ops.pair(self.padding), ops.pair(self.dilation), self.ceil_mode
         )
 
 
@@ -246,7 +244,7 @@ class ShapeOnlyAvgPool2d(nn.AvgPool2d):
         if not torch.is_grad_enabled() or not x.requires_grad:
             return super().forward(x)
         return ops.AvgPool2dFn.apply(
-            x, _pair(self.kernel_size), _pair(self.stride), _pair(self.padding), self.ceil_mode,
+            x, ops.pair(self.kernel_size), ops.pair(self.stride), ops.pair(self.padding), self.ceil_mode,
             self.count_include_pad, self.divisor_override,
         )  # fmt: skip
 
@@ -419,24 +417,18 @@ class SparseEngine:
             elif self._is_leaf(module) and not _is_stock_allowed(module):
                 self._hooks.append(module.register_forward_pre_hook(self._guard(name, type(module).__name__)))
         self.layers = {n: model.get_submodule(n) for n in self.costs.names}
-        # model.state_dict() always holds the trained values, even right after optimizer.step().
+        # Pending slice updates are written into the weights before a state_dict is read (it always holds
+        # the trained values, even right after optimizer.step()) and before one is loaded (the load is then
+        # the newest change, and the next forward reads it into the slice, never the reverse).
         engine = weakref.ref(self)
 
-        def sync_before_state_dict(module, prefix, keep_vars):
+        def sync_first(*_):
             e = engine()
             if e is not None and not e.restored:
                 e.sync()
 
-        self._hooks.append(model.register_state_dict_pre_hook(sync_before_state_dict))
-
-        # Write pending slice updates before a load, so that the load is the newest change to the weight
-        # and the next forward reads the loaded values into the slice (never the reverse).
-        def sync_before_load(module, state_dict, *args):
-            e = engine()
-            if e is not None and not e.restored:
-                e.sync()
-
-        self._hooks.append(model.register_load_state_dict_pre_hook(sync_before_load))
+        self._hooks.append(model.register_state_dict_pre_hook(sync_first))
+        self._hooks.append(model.register_load_state_dict_pre_hook(sync_first))
 
     def _fold_batchnorms(self, example_input: torch.Tensor) -> None:
         """Fold each frozen BatchNorm that takes exactly the output of the prepared Conv2d before it.

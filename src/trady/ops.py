@@ -63,7 +63,8 @@ def slice_channel_norms(grad: torch.Tensor, groups: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _pair2(v) -> tuple[int, int]:
+def pair(v) -> tuple[int, int]:
+    """An int or a 2-sequence as an (h, w) pair of ints."""
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -74,7 +75,7 @@ def conv_input_grad(input_shape, weight, grad_out, stride, padding, dilation, gr
     CPU depthwise convolutions down a slow path (about 1.5-3x slower than stock autograd here);
     conv_transpose2d, with the output padding that restores the input size, takes the fast one.
     """
-    stride, padding, dilation = _pair2(stride), _pair2(padding), _pair2(dilation)
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
     cout, cin_g, kh, kw = weight.shape
     if stride == (1, 1):
         if groups == 1 and (kh, kw) == (1, 1) and padding == (0, 0):
@@ -108,7 +109,7 @@ def conv_weight_grad(x, weight_shape, grad_out, stride, padding, dilation) -> to
     layer's forward (it reorders the full output gradient); the matmul reads it once (10-30x faster).
     """
     kh, kw = weight_shape[2], weight_shape[3]
-    st, pd = _pair2(stride), _pair2(padding)
+    st, pd = pair(stride), pair(padding)
     if (kh, kw) == (1, 1) and pd == (0, 0):
         b, cout, ho, wo = grad_out.shape
         if st != (1, 1):

@@ -143,7 +143,8 @@ def _pairs(names: Sequence[str], layer_idx: torch.Tensor, chan: torch.Tensor) ->
     return [(names[i], c) for i, c in zip(layer_idx.tolist(), chan.tolist())]
 
 
-def _uniform_candidates(costs: CostTable, names: Sequence[str], generator: torch.Generator):
+def uniform_candidates(costs: CostTable, names: Sequence[str], generator: torch.Generator):
+    """Every channel of `names` as (layer, channel) candidates in uniform random order."""
     layer_idx, chan = _pool(costs, names)
     perm = torch.randperm(len(chan), generator=generator)
     return _pairs(names, layer_idx[perm], chan[perm])
@@ -280,7 +281,7 @@ class _TopKRandom(Strategy):
 
     def _choose(self, ctx: SelectionContext) -> Selection:
         names = self._candidate_layers(ctx)
-        return fill_budget(ctx.costs, _uniform_candidates(ctx.costs, names, ctx.generator), ctx.budget_units)
+        return fill_budget(ctx.costs, uniform_candidates(ctx.costs, names, ctx.generator), ctx.budget_units)
 
 
 @register("trady")
@@ -300,7 +301,7 @@ class STopKRandom(_TopKRandom):
 class _FullRandom(Strategy):
     def _choose(self, ctx: SelectionContext) -> Selection:
         names = ctx.costs.names
-        return fill_budget(ctx.costs, _uniform_candidates(ctx.costs, names, ctx.generator), ctx.budget_units)
+        return fill_budget(ctx.costs, uniform_candidates(ctx.costs, names, ctx.generator), ctx.budget_units)
 
 
 @register("d-full-random")
@@ -522,6 +523,7 @@ __all__ = [
     "available",
     "check_budget",
     "fill_budget",
+    "uniform_candidates",
     "get",
     "option_names",
     "register",

@@ -79,12 +79,8 @@ class Run:
     comm_elements: int = 0  # data parallel: gradient elements all-reduced per step (last step)
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    return distributed.rank_world()
-
-
 def _log(config: FinetuneConfig, msg: str) -> None:
-    if config.progress and _dist_rank_world()[0] == 0:
+    if config.progress and distributed.rank_world()[0] == 0:
         print(msg, flush=True)
 
 
@@ -114,7 +110,7 @@ def setup(config: FinetuneConfig) -> Run:
     mean, std = spec.mean, spec.std
     train_tf = ImageTransform(resolution, mean, std, train=True)
     test_tf = ImageTransform(resolution, mean, std, train=False)
-    rank, world = _dist_rank_world()
+    rank, world = distributed.rank_world()
     train_loader = BatchLoader(
         data.train, config.batch_size, train_tf, shuffle=True, seed=config.seed, drop_last=True, rank=rank,
         world_size=world,
@@ -223,7 +219,7 @@ def _full_gradient_norms(run: Run) -> dict[str, torch.Tensor]:
         if i >= FULL_GRAD_BATCHES:
             break
         F.cross_entropy(run.model(x.to(run.device)), y.to(run.device)).backward()
-    if _dist_rank_world()[1] > 1:  # the gradient of the global batches, the same on every rank
+    if distributed.rank_world()[1] > 1:  # the gradient of the global batches, the same on every rank
         distributed.all_reduce_mean_(_grads(params))
     norms = {name: n.detach().clone() for name, (_, n) in engine.slice_grad_norms().items()}
     for p in params:
@@ -243,7 +239,7 @@ def choose_selection(run: Run, epoch: int) -> Selection:
         profile=run.profile, grad_stats=grad_stats, model=run.model,
     )  # fmt: skip
     selection = run.strategy.select(ctx)
-    if _dist_rank_world()[1] > 1:
+    if distributed.rank_world()[1] > 1:
         selection = _broadcast_selection(run, selection)
     return run.engine.select(selection)
 
@@ -289,7 +285,7 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
     total_steps = steps * config.epochs
     warmup_steps = steps * config.warmup_epochs
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    distributed_run = _dist_rank_world()[1] > 1
+    distributed_run = distributed.rank_world()[1] > 1
     track_norms = run.strategy.grad_source == "running" and run.engine is not None
     norm_sums: dict[str, torch.Tensor] = {}
     norm_counts: dict[str, torch.Tensor] = {}
@@ -404,7 +400,7 @@ class NonFiniteLoss(TradyError):
 
 
 def _progress(loader, config: FinetuneConfig, desc: str):
-    if not config.progress or _dist_rank_world()[0] != 0:
+    if not config.progress or distributed.rank_world()[0] != 0:
         return loader
     try:
         from tqdm.auto import tqdm
@@ -478,7 +474,7 @@ def _checkpoint_state(run: Run, epoch: int, rows: list[dict], elapsed: float) ->
             "base_lr": run.config.lr,
         },
         "rng": _rng_state(),
-        "world_size": _dist_rank_world()[1],
+        "world_size": distributed.rank_world()[1],
         "data": {
             "train_size": len(run.data.train),
             "test_size": len(run.data.test),
@@ -524,9 +520,10 @@ def _check_compatible(run: Run, state: dict[str, Any], path: Path) -> int:
     if not isinstance(state["metrics"], list) or len(state["metrics"]) != epoch:
         raise TradyError(f"checkpoint {path} holds metrics of {len(state['metrics'])} epochs for epoch {epoch}")
     world = state.get("world_size", 1)
-    if world != _dist_rank_world()[1]:
+    ours = distributed.rank_world()[1]
+    if world != ours:
         raise TradyError(
-            f"checkpoint {path} was written by a run of {world} process(es), this one has {_dist_rank_world()[1]}; "
+            f"checkpoint {path} was written by a run of {world} process(es), this one has {ours}; "
             "resume with the same number of processes (torchrun --nproc-per-node): the batches depend on it"
         )
     data = state.get("data")
@@ -604,7 +601,7 @@ def _clear_stale(out: Path, fresh: bool) -> None:
 
 def _sync_start(run: Run) -> None:
     """Data parallel: all ranks start from rank 0's weights and optimizer state."""
-    if _dist_rank_world()[1] == 1:
+    if distributed.rank_world()[1] == 1:
         return
     tensors = list(run.model.state_dict().values())
     if run.optimizer is not None:
@@ -637,7 +634,7 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
 def _finetune(config: FinetuneConfig, resume: bool) -> dict[str, Any]:
     run = setup(config)
     out = Path(config.out) if config.out else None
-    rank, world = _dist_rank_world()
+    rank, world = distributed.rank_world()
     is_main = rank == 0
     start_epoch, rows, elapsed = 0, [], 0.0
     if out is not None and resume and (out / CHECKPOINT).is_file():
@@ -758,7 +755,7 @@ def _summary(run: Run, rows: list[dict], wall: float, status: str = "ok", error:
         "test_size": len(run.data.test),
         "resolution": run.resolution,
         "batch_size": c.batch_size,  # per process; data parallel: global batch = batch_size * world_size
-        "world_size": _dist_rank_world()[1],
+        "world_size": distributed.rank_world()[1],
         "classes": len(run.data.classes),
         "notes": run.notes,
         "status": status,
