@@ -11,17 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import (
-    _SHIM,
-    cli,
-    metrics,
-    one_thread,  # noqa: F401  (a fixture)
-    run_args,
-    shared_profile,
-    tiny_config,
-    trady_command,
-    weights,
-)
+from helpers import cli, metrics, run_args, shared_profile, tiny_config, weights
 from trady import distributed, train
 from trady.errors import TradyError
 
@@ -41,12 +31,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, pr
     assert cli(["finetune", *run_args(profile, "trady", epochs=2, extra=("--batch-size", "32")), "--out", single]) == 0
 
     parallel = tmp_path / "parallel"
-    command = trady_command()
-    if command[1] == "-c":  # some command modules are not written yet: run the same shim as a script
-        (tmp_path / "shim.py").write_text(_SHIM.replace("; ", "\n"))
-        target = [str(tmp_path / "shim.py")]
-    else:
-        target = ["-m", "trady"]
+    target = ["-m", "trady"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [str(a) for a in run_args(profile, "trady", epochs=2, extra=("--batch-size", "16"))]
     proc = subprocess.run(

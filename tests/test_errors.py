@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_train import MODEL, RESOLUTION, cli, metrics, reference_run, run_args, shared_profile, weights
+from helpers import MODEL, RESOLUTION, cli, error_line, metrics, reference_run, run_args, shared_profile, weights
 from trady import models, train
 from trady.costs import analyze
 from trady.io import read_jsonl
@@ -27,16 +27,6 @@ def profile(tmp_path_factory) -> Path:
 def finished(tmp_path_factory, profile) -> Path:
     """A finished one-epoch run folder (classifier only: the cheapest); tests change copies of it."""
     return reference_run(tmp_path_factory, run_args(profile, "classifier", epochs=1, budget=None))
-
-
-def error_line(capsys, argv: list) -> str:
-    rc = cli(argv)
-    captured = capsys.readouterr()
-    assert rc == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert "Traceback" not in captured.err
-    assert len(lines) == 1 and lines[0].startswith("trady: error: "), captured.err
-    return lines[0]
 
 
 def copy_run(src: Path, dst: Path) -> Path:

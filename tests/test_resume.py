@@ -1,7 +1,9 @@
 """Resuming: a run killed at any moment and resumed ends with exactly the metrics (timing aside) and
 weights of an uninterrupted run with the same seed.
 
-The main test kills a real `python -m trady finetune` process with SIGKILL during its second epoch;
+The main test kills a real `python -m trady finetune` process with SIGKILL during its second epoch,
+right after a known optimizer step (the process kills itself from the public global step hook, so the
+point does not depend on the machine's speed);
 the others cut a run after its first checkpoint in-process (the folder a kill leaves, plus the
 temporary file of an interrupted atomic write) to cover the other kinds of state cheaply."""
 
@@ -14,21 +16,21 @@ import random
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from test_train import (
+from helpers import (
+    STEPS_PER_EPOCH,
     assert_same_weights,
     cli,
     metrics,
     reference_run,
     run_args,
     shared_profile,
-    trady_command,
+    trady_command_killed_after_step,
     weights,
 )
 from trady import train
@@ -40,37 +42,17 @@ def profile(tmp_path_factory) -> Path:
     return shared_profile(tmp_path_factory)
 
 
-def _wait_for(cond, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("strategy", ["trady", "medyate"])
 def test_kill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tmp_path_factory, profile, strategy):
     args = run_args(profile, strategy, epochs=2)
     ref = reference_run(tmp_path_factory, args)  # uninterrupted, same seed (shared with test_train)
 
     killed = tmp_path / "killed"
-    log = open(tmp_path / "log.txt", "wb")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [*trady_command(), "finetune", *args, "--out", str(killed)]
-    proc = subprocess.Popen(command, stdout=log, stderr=log, env=env)
-    try:
-        # the first checkpoint, then metrics.jsonl (written after it): epoch 2 is starting; kill it inside
-        _wait_for(lambda: (killed / "metrics.jsonl").is_file(), proc, 240, "the first epoch's checkpoint")
-        time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+    kill_after = STEPS_PER_EPOCH + 2  # the second step of epoch 2: after the first checkpoint, mid-epoch
+    command = [*trady_command_killed_after_step(kill_after), "finetune", *args, "--out", str(killed)]
+    with open(tmp_path / "log.txt", "wb") as log:
+        proc = subprocess.run(command, stdout=log, stderr=log, env=env, timeout=600)
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "summary.json").exists()  # it never finished
     assert train.load_checkpoint(killed / train.CHECKPOINT)["epoch"] == 1  # killed during epoch 2

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_errors import error_line
-from test_train import MODEL, cli, tiny_config, write_profile
+from helpers import MODEL, cli, error_line, tiny_config, write_profile
 from trady import models, train
 from trady.errors import TradyError
 from trady.io import write_json

@@ -1,0 +1,156 @@
+"""Helpers shared by the train/CLI test files: tiny runs (sklearn digits, 32 px, the MCU model
+mbv2-w0.35 with its pretrained int8 weights from ../shared/models/mcu, one thread), the CLI entry,
+run-folder readers and a synthetic layer-ranking profile."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from trady import models, train
+from trady.config import FinetuneConfig
+from trady.costs import analyze
+from trady.io import read_jsonl
+from trady.ranking import LayerRank, RankingProfile
+
+MODEL = "mbv2-w0.35"
+RESOLUTION = 32
+TIMING_FIELDS = {"epoch_time_s", "wall_time_s"}
+
+
+def write_profile(path: Path, model: str = MODEL, resolution: int = RESOLUTION) -> Path:
+    """A synthetic layer-ranking profile (fixed pseudo-random RGN) so that tests need no `trady rank` run."""
+    net = models.create(model, pretrained=False, num_classes=10)
+    costs = analyze(net, example_input=torch.zeros(1, 3, resolution, resolution), classifier="classifier")
+    g = torch.Generator().manual_seed(1234)
+    layers = []
+    for lay in costs.layers:
+        grad = float(torch.rand((), generator=g)) + 0.05
+        layers.append(
+            LayerRank(
+                name=lay.name,
+                kind=lay.kind,
+                in_channels=lay.in_channels,
+                grad_norm=grad * lay.full_units,
+                rgn=grad,
+                lara=grad,
+                weight_units=lay.weight_units_per_channel,
+                activation_units=lay.activation_units_per_channel,
+            )
+        )
+    profile = RankingProfile(model=model, resolution=resolution, dataset="synthetic", epochs=1, seed=0, layers=layers)
+    profile.save(path)
+    return path
+
+
+def run_args(
+    profile: Path, strategy: str = "trady", epochs: int = 2, budget: str | None = "5%", extra: tuple = ()
+) -> list[str]:
+    """`trady finetune` options of a tiny run (without --out): 64 images, batch 16, so 4 steps an epoch."""
+    args = [
+        "--model", MODEL, "--data", "digits", "--train-size", "64", "--test-size", "32",
+        "--resolution", str(RESOLUTION), "--batch-size", "16", "--epochs", str(epochs), "--lr", "0.02",
+        "--strategy", strategy, "--profile", str(profile), "--threads", "1", "--no-progress", "--seed", "3",
+    ]  # fmt: skip
+    if budget is not None:
+        args += ["--budget", budget]
+    return args + list(extra)
+
+
+STEPS_PER_EPOCH = 4  # of run_args' runs
+
+
+def tiny_config(profile: Path, strategy: str = "trady", **kw) -> FinetuneConfig:
+    base = dict(
+        model=MODEL, data="digits", train_size=64, test_size=32, resolution=RESOLUTION, batch_size=16, epochs=2,
+        lr=0.02, strategy=strategy, budget="5%", profile=str(profile), threads=1, progress=False, seed=3,
+    )  # fmt: skip
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def cli(argv: list) -> int:
+    """trady.cli.main(argv) with every argument as a string (tests pass Paths)."""
+    import trady.cli
+
+    return trady.cli.main([str(a) for a in argv])
+
+
+def trady_command() -> list[str]:
+    """`python -m trady` in a fresh process, with this interpreter."""
+    return [sys.executable, "-m", "trady"]
+
+
+# A real `python -m trady` process that SIGKILLs itself right after its K-th optimizer step: the kill
+# lands at a known point whatever the machine's speed. It uses the public global optimizer step hook,
+# so the product has no test hook of its own.
+_KILL_AFTER_STEP = """\
+import os, runpy, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+steps = 0
+def _count(optimizer, args, kwargs):
+    global steps
+    steps += 1
+    if steps == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+register_optimizer_step_post_hook(_count)
+sys.argv[0] = "trady"
+runpy.run_module("trady", run_name="__main__", alter_sys=True)
+"""
+
+
+def trady_command_killed_after_step(step: int) -> list[str]:
+    """Like trady_command(), but the process kills itself (SIGKILL) after optimizer step `step`."""
+    return [sys.executable, "-c", _KILL_AFTER_STEP.format(step=int(step))]
+
+
+_REFERENCE_RUNS: dict[tuple, Path] = {}
+_PROFILES: dict[str, Path] = {}
+
+
+def shared_profile(tmp_path_factory, model: str = MODEL) -> Path:
+    """One synthetic profile file per model and test session (so that runs in several files share it)."""
+    if model not in _PROFILES:
+        _PROFILES[model] = write_profile(tmp_path_factory.mktemp("profile") / f"{model}.json", model=model)
+    return _PROFILES[model]
+
+
+def reference_run(tmp_path_factory, args: list) -> Path:
+    """The run folder of `trady finetune *args`, run once per test session (read-only for callers)."""
+    key = tuple(str(a) for a in args)
+    if key not in _REFERENCE_RUNS:
+        out = tmp_path_factory.mktemp("reference") / "run"
+        assert cli(["finetune", *args, "--out", out]) == 0
+        _REFERENCE_RUNS[key] = out
+    return _REFERENCE_RUNS[key]
+
+
+def strip_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def metrics(folder: Path) -> list[dict]:
+    return strip_timing(read_jsonl(Path(folder) / "metrics.jsonl"))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(Path(folder) / train.CHECKPOINT, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def error_line(capsys, argv: list) -> str:
+    """The one `trady: error: ...` line that a failing CLI call prints (exit code 2, no traceback)."""
+    rc = cli(argv)
+    captured = capsys.readouterr()
+    assert rc == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err
+    assert len(lines) == 1 and lines[0].startswith("trady: error: "), captured.err
+    return lines[0]
