@@ -4,11 +4,15 @@
 - every Conv2d/Linear except the classifier computes through ChannelSparse*Fn: it keeps its weight
   and, when selected, only x[:, selected]; its weight gradient exists only for the selected slice;
 - every BatchNorm2d becomes a frozen per-channel affine map, folded into the Conv2d right before it
-  where there is one (`fold_bn`); ReLU/ReLU6/Hardtanh keep bit masks;
+  where there is one (`fold_bn`); ReLU/ReLU6/Hardtanh and train-mode Dropout keep bit masks;
   MaxPool2d keeps a 1-byte window position per output, AvgPool2d and global pooling keep nothing;
 - the classifier stays a stock layer and is trained in full; biases only with `train_bias`.
-The model keeps its parameter names: `model.state_dict()` is a normal checkpoint (it syncs the trained
-slices into the weights first; `sync()` does it explicitly).
+The module classes are in `trady.sparse_modules`; `SWAPS` below is the table of handled kinds.
+The model keeps its parameter names: `model.state_dict()` is a normal checkpoint. Each layer's
+trainable slice is one tensor for the engine's whole life (select() resizes it in place), so an
+optimizer built from `engine.parameters()` before or after any select() stays valid; after every
+optimizer step (a public global step hook) the updated slices are written into the model's weights,
+so the forward only reads them: eager and torch.compile alike.
 Changing the selection is `engine.select(...)`: no rebuild. `engine.restore()` undoes everything.
 """
 
@@ -22,12 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trady import ops
+from trady import ops, slices
+from trady import sparse_modules as sm
 from trady.costs import PRECISION_OF_DTYPE, CostTable, Selection, analyze
 from trady.errors import TradyError
+from trady.sparse_modules import LayerState
 
 # Parameter-free leaf modules whose stock backward keeps nothing (or nothing we could avoid).
-_PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Flatten, nn.ZeroPad2d, nn.ConstantPad2d, nn.Unflatten)
+_PASSTHROUGH = (nn.Identity, nn.Flatten, nn.ZeroPad2d, nn.ConstantPad2d, nn.Unflatten)
 # Kept by stock autograd; their saved tensors are measured and reported in the "rest".
 _STOCK_ALLOWED = (nn.MaxPool2d, nn.AvgPool2d)  # only variants the engine's own pooling does not cover
 
@@ -37,10 +43,38 @@ def _is_stock_allowed(module: nn.Module) -> bool:
     return any(isinstance(module, b) and type(module).forward is b.forward for b in _PASSTHROUGH + _STOCK_ALLOWED)
 
 
+def _computes_itself(module: nn.Module) -> bool:
+    """Whether the module's own forward computes (so the guard must see it): every leaf, and every PyTorch
+    module with children other than nn.Sequential (nn.MultiheadAttention computes with its out_proj's
+    weight, never calling it). A user-defined container's own code (a residual add, F.* calls) is not seen."""
+    if next(module.children(), None) is None:
+        return True
+    cls = type(module)
+    return cls.__module__.startswith("torch.") and cls.forward not in (nn.Sequential.forward, nn.Module.forward)
+
+
 SUPPORTED_KINDS = (
     "Conv2d (any groups/stride/dilation/padding), Linear, BatchNorm2d (frozen), ReLU, ReLU6, Hardtanh, "
     "AdaptiveAvgPool2d(1), AvgPool2d, MaxPool2d, Identity, Dropout, Flatten, ZeroPad2d, ConstantPad2d, Unflatten"
 )
+
+# The handled module kinds: stock class -> the engine class it becomes (nn.AdaptiveAvgPool2d(1) is
+# special-cased in `_swap_target`). A new kind is one entry here plus its class in sparse_modules.
+SWAPS: dict[type, type] = {
+    nn.MaxPool2d: sm.ArgmaxMaxPool2d,
+    nn.AvgPool2d: sm.ShapeOnlyAvgPool2d,
+    nn.Conv2d: sm.SparseConv2d,
+    nn.Linear: sm.SparseLinear,
+    nn.BatchNorm2d: sm.FrozenBatchNorm2d,
+    nn.ReLU: sm.MaskedReLU,
+    nn.ReLU6: sm.MaskedReLU6,
+    nn.Hardtanh: sm.MaskedHardtanh,
+    nn.Dropout: sm.MaskedDropout,
+}
+
+
+def _engine_classes() -> frozenset:
+    return frozenset(SWAPS.values()) | {sm.GlobalAvgPool2d, sm.FoldedBatchNorm2d}
 
 
 @dataclass
@@ -53,215 +87,6 @@ class EngineConfig:
     # forward): the conv scales its weight per output channel, the BatchNorm becomes the identity, so
     # neither forward nor backward makes a separate pass over the activation. Gradients are unchanged.
     fold_bn: bool = True
-
-
-@dataclass
-class LayerState:
-    """Per-layer engine state, attached to the module as `module.trady`."""
-
-    name: str
-    idx: torch.Tensor | None = None  # selected input channels
-    w_slice: torch.Tensor | None = None  # trainable leaf: the weight entries of those channels
-    on_saved: Callable[[torch.Tensor], None] | None = None  # measurement callback for kept slices
-    fold: nn.Module | None = None  # Conv2d only: the FoldedBatchNorm2d applied to its output, if any
-    # Tensor versions at the last slice <-> weight write: a write happens only when one side changed,
-    # so that a forward never bumps the version of a weight an earlier forward saved for backward.
-    slice_version: int = -1
-    weight_version: int = -1
-
-
-def _write_slice(module: nn.Module, st: LayerState) -> None:
-    """Bring the model's weight and the trainable slice into agreement (caller: no matter grad mode).
-
-    The slice changed (optimizer step): write it into the weight. Otherwise, if the weight changed
-    behind the engine's back (load_state_dict, a manual edit), read the slice from it, so that a stale
-    slice never silently reverts loaded values.
-    """
-    if st.w_slice is None:
-        return
-    groups = getattr(module, "groups", 1)
-    with torch.no_grad():
-        if st.w_slice._version != st.slice_version:
-            ops.scatter_slice_(module.weight, st.idx, st.w_slice, groups)
-        elif module.weight._version != st.weight_version:
-            st.w_slice.copy_(ops.gather_slice(module.weight, st.idx, groups))
-        else:
-            return
-    st.slice_version = st.w_slice._version
-    st.weight_version = module.weight._version
-
-
-# ---------------------------------------------------------------------------------------------
-# Module classes the prepared model's layers are switched to (same attributes, same parameters)
-# ---------------------------------------------------------------------------------------------
-
-
-def _numeric_padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """(symmetric padding (ph, pw), extra (bottom, right) padding or None) equal to `conv.padding`.
-
-    padding='same' with an even total (dilation * (kernel - 1) odd) is asymmetric: as stock PyTorch,
-    the extra row/column goes at the bottom/right.
-    """
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0), None
-        pads, extra = [], []
-        for k, d in zip(conv.kernel_size, conv.dilation):
-            total = d * (k - 1)
-            pads.append(total // 2)
-            extra.append(total - 2 * (total // 2))
-        return (pads[0], pads[1]), (extra[0], extra[1]) if any(extra) else None
-    return (int(conv.padding[0]), int(conv.padding[1])), None
-
-
-def _no_autocast(x: torch.Tensor) -> None:
-    if torch.is_autocast_enabled(x.device.type):
-        raise TradyError(
-            "autocast (automatic mixed precision) is not supported by the engine's training step; "
-            "accepted: a model and input of one dtype (e.g. model.to(torch.bfloat16)), or autocast for evaluation"
-        )
-
-
-class SparseConv2d(nn.Conv2d):
-    trady: LayerState
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        st = self.trady
-        _write_slice(self, st)  # the model's own weight always holds the trained values
-        bias, scale = self.bias, None
-        if st.fold is not None:  # conv -> frozen BN as one conv: weight * scale (per output), bias -> shift
-            scale, shift = st.fold.trady_affine()
-            bias = shift if bias is None else shift + bias * scale
-        bias_trains = bias is not None and bias.requires_grad
-        if not torch.is_grad_enabled() or not (x.requires_grad or st.w_slice is not None or bias_trains):
-            weight = self.weight if scale is None else self.weight * scale.view(-1, 1, 1, 1)
-            # no graph: a plain conv (padding_mode is 'zeros', checked at preparation)
-            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        _no_autocast(x)
-        return ops.ChannelSparseConv2dFn.apply(
-            x, self.weight.detach(), bias, st.w_slice, st.idx,
-            self.stride, self.trady_padding, self.dilation, self.groups, st.on_saved, self.trady_extra_pad, scale,
-        )  # fmt: skip
-
-
-class SparseLinear(nn.Linear):
-    trady: LayerState
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        st = self.trady
-        _write_slice(self, st)
-        bias = self.bias
-        bias_trains = bias is not None and bias.requires_grad
-        if not torch.is_grad_enabled() or not (x.requires_grad or st.w_slice is not None or bias_trains):
-            return F.linear(x, self.weight, bias)
-        _no_autocast(x)
-        return ops.ChannelSparseLinearFn.apply(x, self.weight.detach(), bias, st.w_slice, st.idx, st.on_saved)
-
-
-class FrozenBatchNorm2d(nn.BatchNorm2d):
-    """Uses running statistics in train and eval mode alike; never updates them."""
-
-    def trady_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift): y = x * scale + shift per channel; shift is differentiable in the bias only."""
-        with torch.no_grad():
-            scale = torch.rsqrt(self.running_var + self.eps)
-            if self.weight is not None:
-                scale = scale * self.weight
-            shift = -self.running_mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias  # differentiable in the bias only (train_bias)
-        return scale, shift
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.trady_affine()
-        if not torch.is_grad_enabled() or not (x.requires_grad or shift.requires_grad):
-            view = (1, -1, 1, 1)
-            return torch.addcmul(shift.view(view), x, scale.view(view))
-        return ops.FrozenAffineFn.apply(x, scale, shift)
-
-
-class FoldedBatchNorm2d(FrozenBatchNorm2d):
-    """A frozen BatchNorm folded into the Conv2d before it (which applies it): the identity here."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-class MaskedClamp(nn.Module):
-    """Shared forward for the ReLU family: a clamp whose backward keeps a packed mask."""
-
-    trady_bits: int = 1
-
-    def _bounds(self) -> tuple[float, float | None]:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lo, hi = self._bounds()
-        if not torch.is_grad_enabled() or not x.requires_grad:
-            return torch.clamp(x, lo, hi)
-        return ops.ClampMaskFn.apply(x, lo, hi, self.trady_bits)
-
-
-class MaskedReLU(MaskedClamp, nn.ReLU):
-    def _bounds(self):
-        return 0.0, None
-
-
-class MaskedReLU6(MaskedClamp, nn.ReLU6):
-    def _bounds(self):
-        return 0.0, 6.0
-
-
-class MaskedHardtanh(MaskedClamp, nn.Hardtanh):
-    def _bounds(self):
-        return float(self.min_val), float(self.max_val)
-
-
-class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
-    """AdaptiveAvgPool2d(1) as a mean: its backward keeps no input (adaptive pooling keeps it)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean((-2, -1), keepdim=True)
-
-
-
-class ArgmaxMaxPool2d(nn.MaxPool2d):
-    """MaxPool2d whose backward keeps a uint8 window position per output element, not its input."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = ops.pair(self.kernel_size)
-        if not torch.is_grad_enabled() or not x.requires_grad or self.return_indices or k[0] * k[1] > 256:
-            return super().forward(x)  # stock (kernels over 256 positions keep int64 indices and the input)
-        return ops.MaxPool2dArgmaxFn.apply(
-            x, k, ops.pair(self.stride), ops.pair(self.padding), ops.pair(self.dilation), self.ceil_mode
-        )
-
-
-class ShapeOnlyAvgPool2d(nn.AvgPool2d):
-    """AvgPool2d whose backward keeps nothing (stock keeps its whole input)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or not x.requires_grad:
-            return super().forward(x)
-        return ops.AvgPool2dFn.apply(
-            x, ops.pair(self.kernel_size), ops.pair(self.stride), ops.pair(self.padding), self.ceil_mode,
-            self.count_include_pad, self.divisor_override,
-        )  # fmt: skip
-
-
-_SWAPS: dict[type, type] = {
-    nn.MaxPool2d: ArgmaxMaxPool2d,
-    nn.AvgPool2d: ShapeOnlyAvgPool2d,
-    nn.Conv2d: SparseConv2d,
-    nn.Linear: SparseLinear,
-    nn.BatchNorm2d: FrozenBatchNorm2d,
-    nn.ReLU: MaskedReLU,
-    nn.ReLU6: MaskedReLU6,
-    nn.Hardtanh: MaskedHardtanh,
-}
-
-
-_ENGINE_CLASSES = frozenset(_SWAPS.values()) | {GlobalAvgPool2d, FoldedBatchNorm2d}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +176,7 @@ def measure_saved_bytes(
     return SavedTensors(loss=loss, per_storage=seen, by_dtype=by_kind)
 
 
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +191,7 @@ class SparseEngine:
     ) -> None:
         self.model = model
         self.config = config or EngineConfig()
-        prepared = next((n for n, m in model.named_modules() if type(m) in _ENGINE_CLASSES), None)
+        prepared = next((n for n, m in model.named_modules() if type(m) in _engine_classes()), None)
         if prepared is not None:
             raise TradyError(
                 f"module {prepared!r} is already prepared by a SparseEngine; call that engine's restore() first"
@@ -375,9 +201,18 @@ class SparseEngine:
         self.costs: CostTable = analyze(model, example_input=example_input, classifier=self.config.classifier)
         self.classifier_name = self.costs.classifier
         self.classifier = model.get_submodule(self.classifier_name)
+        # One sample of the example: select() runs it once to find every unsupported module on the path.
+        self._example = example_input[:1].detach()
+        self._costs_at: dict[tuple, CostTable] = {tuple(example_input.shape[1:]): self.costs}
         self._orig_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self._orig_class: dict[str, type] = {}
         self._hooks: list = []
+        self._guarded: dict[str, str] = {}  # strict: module name -> kind of every guarded module
+        self._offenders: dict[str, str] = {}  # guarded modules met on the backprop path in this forward
+        self._in_forward = False
+        self._bn_notice = [False]  # model.train() warning: once per engine
+        self._slice_optimizers: weakref.WeakSet = weakref.WeakSet()  # optimizers seen stepping the slices
+        self._steps_without_slices = 0  # steps of an optimizer holding the classifier but no slice
         self.layers: dict[str, nn.Module] = {}
         self.selection: Selection = {}
         self.restored = False
@@ -388,6 +223,8 @@ class SparseEngine:
         except BaseException:
             self.restore()  # never leave a half-prepared model behind
             raise
+        slices.install_step_hooks()
+        slices.ENGINES.add(self)
 
     # -- preparation ------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -406,29 +243,40 @@ class SparseEngine:
             if target is not None:
                 self._swap(name, module, target)
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
-                    module.trady = LayerState(name)
+                    module.trady = LayerState(name, w_slice=slices.empty_slot(module))
                 if isinstance(module, nn.Conv2d):
-                    module.trady_padding, module.trady_extra_pad = _numeric_padding(module)
-                if isinstance(module, MaskedClamp):
+                    module.trady_padding, module.trady_extra_pad = sm.numeric_padding(module)
+                if isinstance(module, sm.MaskedClamp):
                     module.trady_bits = cfg.mask_bits
+                if isinstance(module, nn.BatchNorm2d):
+                    module.trady_notice = self._bn_notice
                 if cfg.train_bias and isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
                     if module.bias is not None:
                         module.bias.requires_grad_(True)
-            elif self._is_leaf(module) and not _is_stock_allowed(module):
-                self._hooks.append(module.register_forward_pre_hook(self._guard(name, type(module).__name__)))
+            elif cfg.strict and _computes_itself(module) and not _is_stock_allowed(module):
+                self._guarded[name] = type(module).__name__
+                self._hooks.append(module.register_forward_pre_hook(self._guard(name), with_kwargs=True))
         self.layers = {n: model.get_submodule(n) for n in self.costs.names}
-        # Pending slice updates are written into the weights before a state_dict is read (it always holds
-        # the trained values, even right after optimizer.step()) and before one is loaded (the load is then
-        # the newest change, and the next forward reads it into the slice, never the reverse).
+        for module in self.layers.values():
+            slices.SLICE_LAYERS[id(module.trady.w_slice)] = weakref.ref(module)
         engine = weakref.ref(self)
 
-        def sync_first(*_):
+        def sync_first(*_):  # a state_dict always holds the trained values (slices edited by hand included)
             e = engine()
             if e is not None and not e.restored:
                 e.sync()
 
+        def reread_slices(*_):  # after a load the weights are the newest values: the slices follow them
+            e = engine()
+            if e is not None and not e.restored:
+                e._reread_slices()
+
         self._hooks.append(model.register_state_dict_pre_hook(sync_first))
         self._hooks.append(model.register_load_state_dict_pre_hook(sync_first))
+        self._hooks.append(model.register_load_state_dict_post_hook(reread_slices))
+        if self._guarded:
+            self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._enter_forward()))
+            self._hooks.append(model.register_forward_hook(lambda m, a, out: self._leave_forward()))
 
     def _fold_batchnorms(self, example_input: torch.Tensor) -> None:
         """Fold each frozen BatchNorm that takes exactly the output of the prepared Conv2d before it.
@@ -445,9 +293,9 @@ class SparseEngine:
             for (a, conv), (_, bn) in zip(kids, kids[1:]):
                 name = f"{pname}.{a}" if pname else a
                 if (
-                    type(conv) is SparseConv2d
+                    type(conv) is sm.SparseConv2d
                     and name in self.costs.by_name
-                    and type(bn) is FrozenBatchNorm2d
+                    and type(bn) is sm.FrozenBatchNorm2d
                     and bn.num_features == conv.out_channels
                 ):
                     pairs[name] = (conv, bn)
@@ -469,15 +317,15 @@ class SparseEngine:
         for name, (conv, bn) in pairs.items():
             if calls[name] == [True]:
                 conv.trady.fold = bn
-                bn.__class__ = FoldedBatchNorm2d  # restore() returns it to its original class
+                bn.__class__ = sm.FoldedBatchNorm2d  # restore() returns it to its original class
 
     def _swap_target(self, name: str, module: nn.Module) -> type | None:
         """The engine class this module becomes, None to leave it alone; raises if it cannot be handled."""
         if type(module) is nn.AdaptiveAvgPool2d and module.output_size in (1, (1, 1)):
-            return GlobalAvgPool2d
-        base = next((b for b in _SWAPS if type(module) is b), None)
+            return sm.GlobalAvgPool2d
+        base = next((b for b in SWAPS if type(module) is b), None)
         if base is None:
-            base = next((b for b in _SWAPS if isinstance(module, b)), None)
+            base = next((b for b in SWAPS if isinstance(module, b)), None)
             if base is None:
                 return None
             if type(module).forward is not base.forward:
@@ -496,44 +344,69 @@ class SparseEngine:
                 f"BatchNorm {name!r} has no running statistics (track_running_stats=False); "
                 "accepted: BatchNorm2d with running statistics, which trady freezes"
             )
-        return _SWAPS[base]
-
-    @staticmethod
-    def _is_leaf(module: nn.Module) -> bool:
-        return next(module.children(), None) is None
+        return SWAPS[base]
 
     def _swap(self, name: str, module: nn.Module, new_class: type) -> None:
         self._orig_class[name] = type(module)
         module.__class__ = new_class
 
-    def _guard(self, name: str, kind: str):
-        strict = self.config.strict
+    # -- strict: unsupported modules on the backprop path -----------------------------------
+    def _guard(self, name: str):
+        engine = weakref.ref(self)
 
-        def hook(module, args):
-            if not torch.is_grad_enabled():
+        def hook(module, args, kwargs):
+            e = engine()
+            if e is None or e.restored or not torch.is_grad_enabled():
                 return None
-            on_path = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args) or any(
+            inputs = list(args) + list(kwargs.values())
+            if any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs) or any(
                 p.requires_grad for p in module.parameters(recurse=False)
-            )
-            if on_path and strict:
-                raise TradyError(
-                    f"module {name!r} of kind {kind} lies on the backprop path; supported kinds: "
-                    f"{SUPPORTED_KINDS} (or EngineConfig(strict=False) to let stock autograd keep its inputs)"
-                )
+            ):
+                e._offenders[name] = e._guarded[name]
+                if not e._in_forward:  # called outside the model's forward: nothing to collect
+                    e._raise_offenders()
             return None
 
         return hook
 
+    def _enter_forward(self) -> None:
+        self._in_forward = True
+        self._offenders.clear()
+
+    def _leave_forward(self) -> None:
+        self._in_forward = False
+        if self._offenders:
+            self._raise_offenders()
+
+    def _raise_offenders(self) -> None:
+        names = ", ".join(f"{n!r} ({kind})" for n, kind in self._offenders.items())
+        self._offenders.clear()
+        raise TradyError(
+            f"module(s) {names} lie on the backprop path; supported kinds: {SUPPORTED_KINDS} "
+            "(or EngineConfig(strict=False) to let stock autograd keep their inputs)"
+        )
+
+    def _check_path(self) -> None:
+        """strict: one forward of the example sample (its RNG draws undone) raises naming every offender."""
+        if not self._guarded:
+            return
+        devices = [self._example.device] if self._example.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            self.model(self._example)
+
     def restore(self) -> nn.Module:
         """Write the trained slices back and return the model to its stock classes and flags."""
         self.sync()
+        slices.ENGINES.discard(self)
+        for module in self.layers.values():
+            slices.SLICE_LAYERS.pop(id(module.trady.w_slice), None)
         for h in self._hooks:
             h.remove()
         for name, cls in self._orig_class.items():
             module = self.model.get_submodule(name)
             module.__class__ = cls
-            for attr in ("trady", "trady_padding", "trady_extra_pad", "trady_bits"):
-                module.__dict__.pop(attr, None)
+            for attr in [a for a in vars(module) if a.startswith("trady")]:
+                del module.__dict__[attr]
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._orig_requires_grad[n])
         self._orig_class.clear()
@@ -544,36 +417,84 @@ class SparseEngine:
 
     # -- selection ---------------------------------------------------------------------------
     def select(self, selection: Mapping[str, Sequence[int] | torch.Tensor] | None) -> Selection:
-        """Update exactly these input channels from now on (None or {}: the classifier only)."""
+        """Update exactly these input channels from now on (None or {}: the classifier only).
+
+        The layers' slice tensors stay the same objects (resized in place): an optimizer built from
+        `parameters()` earlier stays valid; a slice whose channels change starts with no optimizer state.
+        With strict=True, raises naming every unsupported module on the new backprop path (the previous
+        selection then stays in place).
+        """
         if self.restored:
             raise TradyError("this engine was restored; prepare the model again with SparseEngine(model, x)")
+        slices.check_index_forms(selection or {})
         canonical = self.costs.check_selection(selection or {})
+        previous = self.selection
         self.sync()
+        self._apply(canonical)
+        try:
+            self._check_path()
+        except TradyError:
+            self._apply(previous)
+            raise
+        return canonical
+
+    def _apply(self, canonical: Selection) -> None:
         for name, module in self.layers.items():
             st: LayerState = module.trady
             idx = canonical.get(name)
-            if idx is None:
-                st.idx = st.w_slice = None
-                continue
-            idx = idx.to(module.weight.device)
+            idx = None if idx is None else idx.to(module.weight.device)
+            with torch.no_grad():
+                if idx is not None and st.idx is not None and torch.equal(idx, st.idx):
+                    st.w_slice.copy_(ops.gather_slice(module.weight, idx, slices.groups_of(module)))  # a hand edit wins
+                    continue
+                if idx is None and st.idx is None:
+                    continue
+                none = torch.empty(0, dtype=torch.int64, device=module.weight.device)
+                st.w_slice.set_(ops.gather_slice(module.weight, none if idx is None else idx, slices.groups_of(module)))
             st.idx = idx
-            groups = getattr(module, "groups", 1)
-            st.w_slice = ops.gather_slice(module.weight.detach(), idx, groups).clone().requires_grad_(True)
-            st.slice_version, st.weight_version = st.w_slice._version, module.weight._version
+            st.w_slice.grad = None
+            for optimizer in list(self._slice_optimizers):  # its state (momentum) was for other channels
+                optimizer.state.pop(st.w_slice, None)
         self.selection = canonical
-        return canonical
+        self._steps_without_slices = 0
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer, ids: set[int]) -> None:
+        """Before a step: an optimizer holding the classifier but no slice, twice in a row, is stale."""
+        if self.restored:
+            return
+        if any(id(m.trady.w_slice) in ids for m in self.layers.values()):
+            self._slice_optimizers.add(optimizer)
+            self._steps_without_slices = 0
+        elif self.selection and any(id(p) in ids for p in self.classifier.parameters()):
+            self._steps_without_slices += 1
+            if self._steps_without_slices >= 2:
+                raise TradyError(
+                    "this optimizer updates the classifier but none of the selected weight slices, and no "
+                    "optimizer stepped them since; accepted: an optimizer built from engine.parameters() "
+                    "(before or after select(); model.parameters() holds no slice)"
+                )
+
+    def _reread_slices(self) -> None:
+        for module in self.layers.values():
+            st: LayerState = module.trady
+            if st.idx is not None:
+                with torch.no_grad():
+                    st.w_slice.copy_(ops.gather_slice(module.weight, st.idx, slices.groups_of(module)))
 
     def sync(self) -> None:
-        """Write the current slice values into the model's own weights."""
+        """Write the current slice values into the model's own weights (only needed after editing a slice by
+        hand: every optimizer step already does it)."""
         for module in self.layers.values():
-            _write_slice(module, module.trady)
+            slices.write_slice_if_changed(module)
 
     def slice_parameters(self) -> list[torch.Tensor]:
-        return [m.trady.w_slice for m in self.layers.values() if m.trady.w_slice is not None]
+        """The selected layers' slices (non-empty)."""
+        return [m.trady.w_slice for m in self.layers.values() if m.trady.idx is not None]
 
     def parameters(self) -> list[torch.Tensor]:
-        """Everything the optimizer should update: selected slices, classifier, enabled biases."""
-        params = self.slice_parameters()
+        """Everything an optimizer should update, valid across selections: every layer's slice (empty
+        while unselected), the classifier, enabled biases."""
+        params = [m.trady.w_slice for m in self.layers.values()]
         ids = {id(p) for p in params}
         for p in self.model.parameters():
             if p.requires_grad and id(p) not in ids:
@@ -585,9 +506,8 @@ class SparseEngine:
         out = {}
         for name, module in self.layers.items():
             st: LayerState = module.trady
-            if st.w_slice is not None and st.w_slice.grad is not None:
-                norms = ops.slice_channel_norms(st.w_slice.grad, getattr(module, "groups", 1))
-                out[name] = (st.idx, norms)
+            if st.idx is not None and st.w_slice.grad is not None:
+                out[name] = (st.idx, ops.slice_channel_norms(st.w_slice.grad, slices.groups_of(module)))
         return out
 
     # -- measurement -------------------------------------------------------------------------
@@ -596,6 +516,19 @@ class SparseEngine:
         for module in self.layers.values():
             return PRECISION_OF_DTYPE.get(module.weight.dtype, "fp32")
         return "fp32"
+
+    def costs_for(self, x: torch.Tensor) -> CostTable:
+        """The cost table at the size of input `x` (`costs` is the example's): activation units follow it."""
+        shape = tuple(x.shape[1:])
+        if shape not in self._costs_at:
+            table = analyze(self.model, example_input=x[:1], classifier=self.classifier_name)
+            if table.names != self.costs.names:
+                raise TradyError(
+                    f"an input of shape {tuple(x.shape)} calls other layers than the example "
+                    f"{tuple(self._example.shape)}; accepted: inputs that run the same layers"
+                )
+            self._costs_at[shape] = table
+        return self._costs_at[shape]
 
     def measure_saved(self, step: Callable[[], torch.Tensor]) -> tuple[SavedTensors, int]:
         """Run `step()` (forward + loss) counting every byte kept for backward.
@@ -646,7 +579,7 @@ class SparseEngine:
             budgeted_grad_bytes=budget_grad,
             other_grad_bytes=other_grad,
             optimizer_state_bytes=opt_bytes,
-            analytic_budgeted_bytes=self.costs.selection_bytes(
+            analytic_budgeted_bytes=self.costs_for(x).selection_bytes(
                 self.selection, batch_size=int(x.shape[0]), precision=self._precision()
             ),
             saved_by_kind=saved.by_dtype,
@@ -660,8 +593,3 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if isinstance(v, torch.Tensor):
                 total += v.nbytes
     return total
-
-
-def prepare(model: nn.Module, example_input: torch.Tensor, config: EngineConfig | None = None) -> SparseEngine:
-    """Prepare `model` in place for channel-sparse training; returns the engine that drives it."""
-    return SparseEngine(model, example_input, config)

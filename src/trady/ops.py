@@ -7,7 +7,7 @@ input (or output) of every eval-mode BatchNorm and ReLU. Here:
 - its weight gradient is computed for the selected slice only (convolution_backward with an output
   mask, on the slice), so no full-size gradient is ever allocated;
 - a frozen BatchNorm is a fixed per-channel affine map that keeps only its per-channel scale;
-- ReLU/ReLU6/Hardtanh keep a bit-packed mask (1 bit per element instead of 32).
+- ReLU/ReLU6/Hardtanh and train-mode Dropout keep a bit-packed mask (1 bit per element instead of 32).
 """
 
 from __future__ import annotations
@@ -296,11 +296,16 @@ class ClampMaskFn(Function):
     """y = clamp(x, lo, hi) (ReLU: lo=0, hi=None); backward passes grad where lo < x < hi.
 
     Keeps a mask of 1 bit per element (`bits=1`) or 1 byte (`bits=8`) instead of a float tensor.
+    `inplace=True` (nn.ReLU(inplace=True) and kin) clamps `x` itself and returns it, as stock does.
     """
 
     @staticmethod
-    def forward(ctx, x, lo, hi, bits):
-        y = torch.clamp(x, lo, hi)
+    def forward(ctx, x, lo, hi, bits, inplace=False):
+        if inplace:
+            y = x.clamp_(lo, hi)
+            ctx.mark_dirty(x)
+        else:
+            y = torch.clamp(x, lo, hi)
         # inside <=> lo < x < hi <=> y != lo and y != hi (y = clamp(x)). A float -> bool cast is a
         # vectorised "!= 0" and far cheaper on CPU than a comparison; y - c == 0 exactly iff y == c
         # (Sterbenz / gradual underflow), so the mask is exact, boundaries and NaN (passes, as stock) alike.
@@ -321,7 +326,35 @@ class ClampMaskFn(Function):
             mask = mask.view(torch.uint8).to(grad_out.dtype)  # uint8 -> float: cheaper than from bool
         # A same-dtype in-place multiply into the fresh mask: no mixed-dtype (bool * float) kernel,
         # no extra allocation.
-        return mask.mul_(grad_out), None, None, None
+        return mask.mul_(grad_out), None, None, None, None
+
+
+class DropoutMaskFn(Function):
+    """Train-mode dropout keeping its mask as 1 bit per element (stock CPU dropout keeps a float mask).
+
+    The same draws as stock CPU dropout (bernoulli_(1 - p) on an input-shaped tensor, scaled by
+    1 / (1 - p)), so that a seeded run drops the same elements; `inplace` writes into `x` as stock.
+    """
+
+    @staticmethod
+    def forward(ctx, x, p, inplace):
+        noise = torch.empty_like(x).bernoulli_(1 - p)
+        keep = noise.to(torch.bool)
+        noise.div_(1 - p)
+        if inplace:
+            y = x.mul_(noise)
+            ctx.mark_dirty(x)
+        else:
+            y = x * noise
+        ctx.shape, ctx.p = x.shape, p
+        ctx.save_for_backward(pack_bits(keep))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (packed,) = ctx.saved_tensors
+        noise = unpack_bits(packed, grad_out.numel(), grad_out.dtype).view(ctx.shape)
+        return noise.div_(1 - ctx.p).mul_(grad_out), None, None
 
 
 # ---------------------------------------------------------------------------------------------
