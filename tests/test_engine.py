@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -321,6 +322,30 @@ def linear_3d():
     return TokenNet()
 
 
+class InplaceResidual(nn.Module):
+    """`identity = out; out = relu_(out)`: with stock nn.ReLU(inplace=True) the identity is clamped too."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        identity = out
+        out = self.relu(out)
+        return self.conv2(out) + identity
+
+
+def inplace_relu_residual():
+    return _stem_then(InplaceResidual(8), nn.Hardtanh(-0.5, 0.5, inplace=True))
+
+
+def inplace_relu6_after_bn():
+    return _stem_then(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU6(inplace=True))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], nn.Module]
@@ -346,6 +371,8 @@ CASES = [
     Case(conv_classifier),
     Case(linear_2d, (BATCH, 10)),
     Case(linear_3d, (BATCH, 7, 10)),
+    Case(inplace_relu_residual),
+    Case(inplace_relu6_after_bn),
 ]
 
 
@@ -884,3 +911,238 @@ def test_load_after_an_optimizer_step_is_not_reverted() -> None:
     model(x)  # the forward brings weight and slice into agreement
     assert torch.equal(model[2].weight, original["2.weight"])
     assert torch.equal(model[2].trady.w_slice, original["2.weight"][:, [0, 1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Off the common path: torch.compile, stale optimizers, other input sizes, strict guards, ...
+# ---------------------------------------------------------------------------------------------
+
+
+def _small_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 6, 1, groups=2), nn.ReLU6(), nn.Flatten(), nn.Linear(6 * 6 * 6, 5),
+    )  # fmt: skip
+
+
+# selections and re-selections: same sizes other channels, other layers, classifier only, back again
+SCHEDULE = [{"3": [0, 3]}, {"3": [1, 5]}, {"0": [1], "3": [0, 3, 4], "5": [2, 7]}, {}, {"3": [0, 3]}]
+
+
+def _train_schedule(model: nn.Module, x, y, compile_backend: str | None = None) -> tuple[list[float], dict]:
+    """SGD with momentum over SCHEDULE (2 steps each); one optimizer, built before the first select()."""
+    engine = SparseEngine(model, x[:1])
+    opt = torch.optim.SGD(engine.parameters(), lr=0.2, momentum=0.9)
+    f = torch.compile(model, backend=compile_backend) if compile_backend else model
+    losses = []
+    for selection in SCHEDULE:
+        engine.select(selection)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(f(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _dense_schedule(model: nn.Module, x, y) -> tuple[list[float], dict]:
+    """The same schedule on the stock model: dense autograd, gradients masked to the selected entries,
+    momentum restarting for a layer whose channels change (the engine's documented rule)."""
+    model.eval()
+    opt_state: dict[str, torch.Tensor] = {}
+    losses, prev = [], {}
+    head = {"8.weight", "8.bias"}
+    for selection in SCHEDULE:
+        masks = {f"{n}.weight": _channel_mask(model.get_submodule(n), torch.tensor(i)) for n, i in selection.items()}
+        for key in list(opt_state):
+            if key not in head and (key not in masks or prev.get(key) != selection.get(key.split(".")[0])):
+                del opt_state[key]
+        prev = {f"{n}.weight": v for n, v in selection.items()}
+        for _ in range(2):
+            model.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            losses.append(loss.item())
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n not in head and n not in masks:
+                        continue
+                    g = p.grad if n in head else p.grad * masks[n]
+                    buf = opt_state[n] = g.clone() if n not in opt_state else opt_state[n].mul_(0.9).add_(g)
+                    p.sub_(0.2 * (buf if n in head else buf * masks[n]))
+    return losses, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_multi_step_training_matches_dense_compiled_or_not(backend: str | None) -> None:
+    """Eager and torch.compile train exactly what dense autograd does, step by step, across re-selections,
+    with one optimizer built before the first select()."""
+    torch.manual_seed(0)
+    base = _randomize_bn(_small_net()).eval()
+    x, y = torch.randn(4, 3, 10, 10), torch.randint(0, 5, (4,))
+    dense_losses, dense_state = _dense_schedule(copy.deepcopy(base), x, y)
+    losses, state = _train_schedule(copy.deepcopy(base), x, y, backend)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(dense_losses), rtol=1e-5, atol=1e-6)
+    for k, v in dense_state.items():
+        _close(state[k], v, f"{backend}: {k} after the schedule")
+
+
+def test_an_optimizer_holding_no_slice_raises() -> None:
+    """An optimizer over the classifier only (e.g. built from model.parameters()) trains no slice: raises."""
+    torch.manual_seed(0)
+    model = _small_net().eval()
+    x, y = torch.randn(2, 3, 10, 10), torch.randint(0, 5, (2,))
+    engine = SparseEngine(model, x[:1])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine.select({"3": [1, 2]})
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    with pytest.raises(TradyError, match=r"none of the selected weight slices.*engine\.parameters\(\)"):
+        opt.step()
+    # two optimizers, one for the slices and one for the head: fine, in either order
+    slices_opt = torch.optim.SGD(engine.slice_parameters(), lr=0.1)
+    for _ in range(3):
+        opt.step()
+        slices_opt.step()
+    engine.restore()
+
+
+def test_measure_step_follows_the_input_size() -> None:
+    """Prepared at 16 px, measured at 32 px: the analytic bytes are those of 32 px, equal to the measured."""
+    torch.manual_seed(0)
+    model = _stem_then(nn.Conv2d(8, 12, 3, padding=1), nn.ReLU())
+    small, large = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 32, 32)
+    model.eval()(small)
+    engine = SparseEngine(model, small)
+    selection = engine.select({"3": [0, 5, 6]})
+    report = engine.measure_step(large, None, loss_fn=lambda o, _y: _loss(o))
+    assert report.budgeted_bytes == report.analytic_budgeted_bytes
+    assert report.budgeted_activation_bytes == 4 * 2 * 3 * 32 * 32
+    assert engine.costs_for(large).selection_bytes(selection, 2) == report.analytic_budgeted_bytes
+    assert engine.costs.selection_bytes(selection, 2) < report.analytic_budgeted_bytes  # the example's table
+
+
+class ConvAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.classifier = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = self.act(self.conv0(x)).flatten(2).transpose(1, 2)
+        t = self.attn(t, t, t, need_weights=False)[0]
+        return self.classifier(t.mean(1))
+
+
+def test_strict_guards_modules_with_children() -> None:
+    """nn.MultiheadAttention has a child (out_proj) but computes in its own forward: guarded."""
+    torch.manual_seed(0)
+    model, x = ConvAttention().eval(), torch.randn(2, 3, 5, 5)
+    stock = copy.deepcopy(model)
+    engine = SparseEngine(model, x)
+    with pytest.raises(TradyError, match=r"'attn' \(MultiheadAttention\).*supported kinds"):
+        engine.select({"conv0": [1, 2]})
+    engine.restore()
+    engine = SparseEngine(model, x, EngineConfig(strict=False))  # stock autograd runs it: still exact
+    engine.select({"conv0": [1, 2]})
+    _loss(model(x)).backward()
+    _, dense_grads = _dense_reference(stock, x)
+    _close(engine.layers["conv0"].trady.w_slice.grad, dense_grads["conv0.weight"][:, [1, 2]], "slice gradient")
+
+
+class TwoUnsupported(nn.Module):
+    """GELU and SiLU on the backprop path, only for inputs wider than 6 px."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gelu = nn.GELU()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.silu = nn.SiLU()
+        self.classifier = nn.Linear(8, 4)
+
+    def forward(self, x):
+        wide = x.shape[-1] > 6
+        x = self.conv0(x)
+        x = self.conv1(self.gelu(x) if wide else x)
+        return self.classifier((self.silu(x) if wide else x).mean((2, 3)))
+
+
+def test_strict_error_names_every_offender_once() -> None:
+    torch.manual_seed(0)
+    model = TwoUnsupported().eval()
+    engine = SparseEngine(model, torch.randn(1, 3, 8, 8))
+    with pytest.raises(TradyError) as err:  # at select time, from the example
+        engine.select({"conv0": [0]})
+    msg = str(err.value)
+    assert msg.count("'gelu' (GELU)") == 1 and msg.count("'silu' (SiLU)") == 1 and "\n" not in msg
+    engine.restore()
+    engine = SparseEngine(model, torch.randn(1, 3, 6, 6))  # the example meets neither
+    engine.select({"conv0": [1]})
+    with pytest.raises(TradyError) as err:  # a wider input meets both: named at the end of the forward
+        model(torch.randn(2, 3, 8, 8))
+    msg = str(err.value)
+    assert msg.count("'gelu' (GELU)") == 1 and msg.count("'silu' (SiLU)") == 1
+    _loss(model(torch.randn(2, 3, 6, 6))).backward()  # the engine still trains after the error
+
+
+def test_frozen_batchnorm_in_train_mode_warns_once() -> None:
+    from trady.sparse_modules import FrozenBatchNormWarning
+
+    model, x = _build(Case(conv_bn_relu6_chain))
+    engine = SparseEngine(model, x)
+    engine.select({"3": [0]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.eval()(x)
+        with torch.no_grad():
+            model.train()(x)  # evaluation: no training step, no warning
+        model.train()(x)
+        model(x)
+    assert [w.category for w in caught] == [FrozenBatchNormWarning]
+    assert "frozen" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_train_mode_dropout_keeps_a_bit_mask(inplace: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Dropout(0.3, inplace=inplace), nn.Linear(8 * 5 * 5, 4))
+    x = torch.randn(2, 3, 7, 7)
+    stock = copy.deepcopy(model).train()
+    engine = SparseEngine(model, x)
+    engine.select({"0": [0, 2]})
+    model.train()
+    torch.manual_seed(7)
+    saved, out = _record_saved(model, x)
+    (mask,) = [s for s in saved if s.module == "2"]
+    assert mask.dtype == torch.uint8 and mask.nbytes == math.ceil(2 * 8 * 5 * 5 / 8)
+    _loss(out).backward()
+    torch.manual_seed(7)  # the same draws as stock dropout: same output, same gradients
+    for p in stock.parameters():
+        p.requires_grad_(True)
+    stock_out = stock(x)
+    _loss(stock_out).backward()
+    _close(out.detach(), stock_out.detach(), "dropout output")
+    _close(engine.layers["0"].trady.w_slice.grad, stock[0].weight.grad[:, [0, 2]], "slice gradient")
+    _close(model[3].weight.grad, stock[3].weight.grad, "classifier gradient")
+
+
+def test_deepcopy_of_a_prepared_model_raises() -> None:
+    model, x = _build(Case(conv3x3))
+    engine = SparseEngine(model, x)
+    with pytest.raises(TradyError, match=r"cannot be deep-copied.*restore\(\)"):
+        copy.deepcopy(model)
+    engine.restore()
+    copy.deepcopy(model)  # a restored model copies as usual
+
+
+@pytest.mark.parametrize("bad", [{0, 1}, "01", 3, [0, "1"]])
+def test_channel_indices_of_another_form_raise(bad) -> None:
+    model, x = _build(Case(conv3x3))
+    engine = SparseEngine(model, x)
+    with pytest.raises(TradyError, match=r"'3'.*accepted: .*list, tuple or range of ints, or an integer tensor"):
+        engine.select({"3": bad})
+    assert engine.select({"3": range(2)})["3"].tolist() == [0, 1]

@@ -468,6 +468,7 @@ class SparseEngine:
         elif self.selection and any(id(p) in ids for p in self.classifier.parameters()):
             self._steps_without_slices += 1
             if self._steps_without_slices >= 2:
+                self._steps_without_slices = 0
                 raise TradyError(
                     "this optimizer updates the classifier but none of the selected weight slices, and no "
                     "optimizer stepped them since; accepted: an optimizer built from engine.parameters() "
