@@ -1146,3 +1146,20 @@ def test_channel_indices_of_another_form_raise(bad) -> None:
     with pytest.raises(TradyError, match=r"'3'.*accepted: .*list, tuple or range of ints, or an integer tensor"):
         engine.select({"3": bad})
     assert engine.select({"3": range(2)})["3"].tolist() == [0, 1]
+
+
+def test_a_hand_written_update_reaches_the_forward() -> None:
+    """Slices updated without torch.optim (a manual rule) are what the next eager forward computes with."""
+    model, x = _build(Case(conv_grouped4))
+    stock = copy.deepcopy(model)
+    engine = SparseEngine(model, x)
+    engine.select({"3": [0, 5]})
+    _loss(model(x)).backward()
+    with torch.no_grad():
+        for p in engine.slice_parameters():
+            p -= LR * p.grad
+    _, dense_grads = _dense_reference(stock, x)
+    mask = _channel_mask(stock[3], torch.tensor([0, 5]))
+    with torch.no_grad():
+        stock[3].weight -= LR * dense_grads["3.weight"] * mask
+    _close(model(x).detach(), stock(x).detach(), "forward after a hand-written update")

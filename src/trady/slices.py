@@ -3,8 +3,9 @@
 A layer's slice (`LayerState.w_slice`) is the leaf an optimizer updates; the model's own weight is what
 the forward reads. After every optimizer step a public global step hook writes the stepped slices into
 their weights, so the forward never writes anything (correct under torch.compile, and a weight saved
-for backward is never bumped by a later forward). The pre-step hook lets each live engine check the
-optimizer (`SparseEngine._check_optimizer`).
+for backward is never bumped by a later forward). An eager forward also writes a slice that differs
+from its weight (an update outside torch.optim); a compiled one relies on the hook. The pre-step hook
+lets each live engine check the optimizer (`SparseEngine._check_optimizer`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from trady import ops
 from trady.errors import TradyError
-from trady.sparse_modules import LayerState
 
 
 def groups_of(module: nn.Module) -> int:
@@ -34,7 +34,7 @@ def empty_slot(module: nn.Module) -> torch.Tensor:
 
 def write_slice_if_changed(module: nn.Module) -> None:
     """Write the layer's slice into its weight where they differ (no write, no version bump, otherwise)."""
-    st: LayerState = module.trady
+    st = module.trady  # sparse_modules.LayerState
     if st.idx is None:
         return
     with torch.no_grad():

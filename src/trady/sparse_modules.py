@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trady import ops
+from trady import ops, slices
 from trady.errors import TradyError
 
 
@@ -81,15 +81,25 @@ def _no_autocast(x: torch.Tensor) -> None:
         )
 
 
+def _current_slice(module: nn.Module) -> torch.Tensor | None:
+    """The selected slice leaf, or None. The weight already holds its values after every torch.optim step
+    (slices.py); an eager forward also writes a slice updated otherwise (a hand-written update rule)."""
+    st: LayerState = module.trady
+    if st.idx is None:
+        return None
+    if not torch.compiler.is_compiling():
+        slices.write_slice_if_changed(module)
+    return st.w_slice
+
+
 class SparseConv2d(_Prepared, nn.Conv2d):
-    """Reads its weight (always holding the trained values: the engine writes the slice after each
-    optimizer step) and passes the slice leaf to the Function, which returns its gradient."""
+    """Reads its weight and passes the slice leaf to the Function, which returns its gradient."""
 
     trady: LayerState
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.trady
-        w_slice = st.w_slice if st.idx is not None else None
+        w_slice = _current_slice(self)
         bias, scale = self.bias, None
         if st.fold is not None:  # conv -> frozen BN as one conv: weight * scale (per output), bias -> shift
             scale, shift = st.fold.trady_affine()
@@ -111,7 +121,7 @@ class SparseLinear(_Prepared, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.trady
-        w_slice = st.w_slice if st.idx is not None else None
+        w_slice = _current_slice(self)
         bias = self.bias
         bias_trains = bias is not None and bias.requires_grad
         if not torch.is_grad_enabled() or not (x.requires_grad or w_slice is not None or bias_trains):
