@@ -1163,3 +1163,18 @@ def test_a_hand_written_update_reaches_the_forward() -> None:
     with torch.no_grad():
         stock[3].weight -= LR * dense_grads["3.weight"] * mask
     _close(model(x).detach(), stock(x).detach(), "forward after a hand-written update")
+
+
+def test_reselecting_the_same_channels_keeps_momentum() -> None:
+    """A layer whose channels do not change keeps its slice tensor and its optimizer state."""
+    model, x = _build(Case(conv_bn_relu6_chain))
+    engine = SparseEngine(model, x)
+    engine.select({"3": [1, 2], "6": [0]})
+    opt = torch.optim.SGD(engine.parameters(), lr=LR, momentum=0.9)
+    _loss(model(x)).backward()
+    opt.step()
+    kept, changed = engine.layers["3"].trady.w_slice, engine.layers["6"].trady.w_slice
+    buf = opt.state[kept]["momentum_buffer"].clone()
+    engine.select({"3": [1, 2], "6": [3]})
+    assert engine.layers["3"].trady.w_slice is kept and torch.equal(opt.state[kept]["momentum_buffer"], buf)
+    assert engine.layers["6"].trady.w_slice is changed and changed not in opt.state

@@ -433,7 +433,7 @@ class SparseEngine:
         self._apply(canonical)
         try:
             self._check_path()
-        except TradyError:
+        except Exception:
             self._apply(previous)
             raise
         return canonical
@@ -443,12 +443,12 @@ class SparseEngine:
             st: LayerState = module.trady
             idx = canonical.get(name)
             idx = None if idx is None else idx.to(module.weight.device)
-            with torch.no_grad():
-                if idx is not None and st.idx is not None and torch.equal(idx, st.idx):
-                    st.w_slice.copy_(ops.gather_slice(module.weight, idx, slices.groups_of(module)))  # a hand edit wins
-                    continue
+            if idx is None or st.idx is None:
                 if idx is None and st.idx is None:
                     continue
+            elif torch.equal(idx, st.idx):
+                continue  # the same channels: the same slice, its optimizer state (momentum) carries on
+            with torch.no_grad():
                 none = torch.empty(0, dtype=torch.int64, device=module.weight.device)
                 st.w_slice.set_(ops.gather_slice(module.weight, none if idx is None else idx, slices.groups_of(module)))
             st.idx = idx
