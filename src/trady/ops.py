@@ -296,16 +296,11 @@ class ClampMaskFn(Function):
     """y = clamp(x, lo, hi) (ReLU: lo=0, hi=None); backward passes grad where lo < x < hi.
 
     Keeps a mask of 1 bit per element (`bits=1`) or 1 byte (`bits=8`) instead of a float tensor.
-    `inplace=True` (nn.ReLU(inplace=True) and kin) clamps `x` itself and returns it, as stock does.
     """
 
     @staticmethod
-    def forward(ctx, x, lo, hi, bits, inplace=False):
-        if inplace:
-            y = x.clamp_(lo, hi)
-            ctx.mark_dirty(x)
-        else:
-            y = torch.clamp(x, lo, hi)
+    def forward(ctx, x, lo, hi, bits):
+        y = torch.clamp(x, lo, hi)
         # inside <=> lo < x < hi <=> y != lo and y != hi (y = clamp(x)). A float -> bool cast is a
         # vectorised "!= 0" and far cheaper on CPU than a comparison; y - c == 0 exactly iff y == c
         # (Sterbenz / gradual underflow), so the mask is exact, boundaries and NaN (passes, as stock) alike.
@@ -326,7 +321,22 @@ class ClampMaskFn(Function):
             mask = mask.view(torch.uint8).to(grad_out.dtype)  # uint8 -> float: cheaper than from bool
         # A same-dtype in-place multiply into the fresh mask: no mixed-dtype (bool * float) kernel,
         # no extra allocation.
-        return mask.mul_(grad_out), None, None, None, None
+        return mask.mul_(grad_out), None, None, None
+
+
+class ClampMaskInplaceFn(ClampMaskFn):
+    """ClampMaskFn in place (nn.ReLU(inplace=True) and kin): clamps `x` itself and returns it, as stock.
+
+    The mask is that of clamp(x) == clamp(clamp(x)), so ClampMaskFn.forward saves it from the clamped x;
+    its own (transient) output copy is dropped. The backward is ClampMaskFn's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, bits):
+        x.clamp_(lo, hi)
+        ClampMaskFn.forward(ctx, x, lo, hi, bits)
+        ctx.mark_dirty(x)
+        return x
 
 
 class DropoutMaskFn(Function):

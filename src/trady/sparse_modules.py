@@ -184,7 +184,8 @@ class MaskedClamp(_Prepared, nn.Module):
         lo, hi = self._bounds()
         if not torch.is_grad_enabled() or not x.requires_grad:
             return torch.clamp_(x, lo, hi) if self.inplace else torch.clamp(x, lo, hi)
-        return ops.ClampMaskFn.apply(x, lo, hi, self.trady_bits, self.inplace)
+        fn = ops.ClampMaskInplaceFn if self.inplace else ops.ClampMaskFn
+        return fn.apply(x, lo, hi, self.trady_bits)
 
 
 class MaskedReLU(MaskedClamp, nn.ReLU):
