@@ -257,8 +257,7 @@ class SparseEngine:
                 self._guarded[name] = type(module).__name__
                 self._hooks.append(module.register_forward_pre_hook(self._guard(name), with_kwargs=True))
         self.layers = {n: model.get_submodule(n) for n in self.costs.names}
-        for module in self.layers.values():
-            slices.SLICE_LAYERS[id(module.trady.w_slice)] = weakref.ref(module)
+        slices.register_layers(self.layers.values())
         engine = weakref.ref(self)
 
         def sync_first(*_):  # a state_dict always holds the trained values (slices edited by hand included)

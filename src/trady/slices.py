@@ -48,6 +48,14 @@ ENGINES: weakref.WeakSet = weakref.WeakSet()  # prepared, not yet restored engin
 _STEP_HOOKS: list = []
 
 
+def register_layers(layers) -> None:
+    """Make the step hooks see these layers' slices (entries of dead layers are dropped on the way)."""
+    for key in [k for k, ref in SLICE_LAYERS.items() if ref() is None]:
+        del SLICE_LAYERS[key]
+    for layer in layers:
+        SLICE_LAYERS[id(layer.trady.w_slice)] = weakref.ref(layer)
+
+
 def _layer_of(p: torch.Tensor) -> nn.Module | None:
     ref = SLICE_LAYERS.get(id(p))
     layer = ref() if ref is not None else None
