@@ -73,7 +73,7 @@ def numeric_padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int] |
     return (int(conv.padding[0]), int(conv.padding[1])), None
 
 
-def _no_autocast(x: torch.Tensor) -> None:
+def no_autocast(x: torch.Tensor) -> None:
     if torch.is_autocast_enabled(x.device.type):
         raise TradyError(
             "autocast (automatic mixed precision) is not supported by the engine's training step; "
@@ -81,7 +81,7 @@ def _no_autocast(x: torch.Tensor) -> None:
         )
 
 
-def _current_slice(module: nn.Module) -> torch.Tensor | None:
+def current_slice(module: nn.Module) -> torch.Tensor | None:
     """The selected slice leaf, or None. The weight already holds its values after every torch.optim step
     (slices.py); an eager forward also writes a slice updated otherwise (a hand-written update rule)."""
     st: LayerState = module.trady
@@ -99,7 +99,7 @@ class SparseConv2d(_Prepared, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.trady
-        w_slice = _current_slice(self)
+        w_slice = current_slice(self)
         bias, scale = self.bias, None
         if st.fold is not None:  # conv -> frozen BN as one conv: weight * scale (per output), bias -> shift
             scale, shift = st.fold.trady_affine()
@@ -109,7 +109,7 @@ class SparseConv2d(_Prepared, nn.Conv2d):
             weight = self.weight if scale is None else self.weight * scale.view(-1, 1, 1, 1)
             # no graph: a plain conv (padding_mode is 'zeros', checked at preparation)
             return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        _no_autocast(x)
+        no_autocast(x)
         return ops.ChannelSparseConv2dFn.apply(
             x, self.weight.detach(), bias, w_slice, st.idx,
             self.stride, self.trady_padding, self.dilation, self.groups, st.on_saved, self.trady_extra_pad, scale,
@@ -121,12 +121,12 @@ class SparseLinear(_Prepared, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.trady
-        w_slice = _current_slice(self)
+        w_slice = current_slice(self)
         bias = self.bias
         bias_trains = bias is not None and bias.requires_grad
         if not torch.is_grad_enabled() or not (x.requires_grad or w_slice is not None or bias_trains):
             return F.linear(x, self.weight, bias)
-        _no_autocast(x)
+        no_autocast(x)
         return ops.ChannelSparseLinearFn.apply(x, self.weight.detach(), bias, w_slice, st.idx, st.on_saved)
 
 
