@@ -1,3 +1,22 @@
-"""trady: fine-tune a pretrained network under a hard training-memory budget."""
+"""trady: fine-tune a pretrained network under a hard training-memory budget.
+
+The any-model API, importable from `trady` itself:
+- `trady.rank(model, batches, ...) -> RankingProfile`: the layer ranking of any nn.Module (trady.profiling);
+- `trady.Tuner(model, example_input, strategy=..., budget=..., profile=...)`: a strategy's draws from
+  the user's own training loop (trady.tuner);
+- `trady.RankingProfile`: the profile's JSON form (trady.ranking).
+"""
 
 __version__ = "0.1.0"
+
+# Loaded on first use: `import trady` (and the CLI's start) stays free of torch until one is needed.
+_EXPORTS = {"rank": "trady.profiling", "Tuner": "trady.tuner", "RankingProfile": "trady.ranking"}
+__all__ = ["RankingProfile", "Tuner", "rank"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'trady' has no attribute {name!r}")

@@ -194,7 +194,7 @@ class Strategy:
             return {}
         if not self.dynamic and self._selection is not None:
             return _clone(self._selection)
-        check_budget(self.name, ctx)
+        check_budget(self.name, ctx.costs, ctx.budget_units)
         sel = self._choose(ctx)
         if not sel:
             raise TradyError(
@@ -235,15 +235,18 @@ class Strategy:
         self._selection = None if sel is None else {k: torch.as_tensor(v, dtype=torch.int64) for k, v in sel.items()}
 
 
-def check_budget(name: str, ctx: SelectionContext) -> None:
-    """A sparse strategy needs a budget that fits at least the cheapest channel of the network."""
-    cheapest = min(ctx.costs.layers, key=lambda lay: lay.space_units_per_channel)
+def check_budget(name: str, costs: CostTable, budget_units: int | None, spec: Any = None) -> None:
+    """The one budget-fits check: a sparse strategy needs a budget of at least the network's cheapest channel.
+
+    `spec`: the budget as the user gave it ("2.2%", "256KB"), named in the message when given."""
+    cheapest = min(costs.layers, key=lambda lay: lay.space_units_per_channel)
     units = cheapest.space_units_per_channel
-    if ctx.budget_units is None or ctx.budget_units < units:
-        got = "no budget" if ctx.budget_units is None else f"a budget of {ctx.budget_units} units"
+    if budget_units is None or budget_units < units:
+        given = f" ({spec!r})" if spec is not None and str(spec) != str(budget_units) else ""
+        got = "no budget" if budget_units is None else f"a budget of {budget_units} units{given}, which fits no channel"
         raise TradyError(
-            f"strategy {name!r} got {got}; the cheapest channel costs {units} units "
-            f"(layer {cheapest.name!r}): give a budget of at least {units} units"
+            f"strategy {name!r} got {got}: the cheapest channel costs {units} units "
+            f"(layer {cheapest.name!r}); accepted: a budget of at least {units} units"
         )
 
 

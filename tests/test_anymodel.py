@@ -1,0 +1,171 @@
+"""The whole method on a model the zoo lacks, on real data (scikit-learn's digits), in a plain loop.
+
+Per epoch: the budget holds, the selection is redrawn, only the selected weight slices and the head
+change (checked against a hand-computed mask of each layer's input-channel entries), and a resume from
+`tuner.state_dict()` (plus the model's state_dict) is bit-exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trady
+from trady.data import load_dataset
+from trady.errors import TradyError
+from user_model import build
+
+
+def digits_batches(n: int = 256, batch: int = 32, split: str = "train") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    pair = load_dataset("digits", seed=0)
+    data = pair.train if split == "train" else pair.test
+    x, y = data.get_batch(torch.arange(min(n, len(data))))
+    x = (x.float() / 255.0 - 0.5).expand(-1, 3, -1, -1).contiguous()  # grey -> 3 channels, centred
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)]
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return digits_batches()
+
+
+@pytest.fixture(scope="module")
+def profile(batches):
+    return trady.rank(build(), batches, epochs=1)
+
+
+def channel_mask(weight: torch.Tensor, groups: int, channels: torch.Tensor) -> torch.Tensor:
+    """True at the weight entries owned by the given input channels (hand slicing, group by group)."""
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    per_group_in, per_group_out = weight.shape[1], weight.shape[0] // groups
+    for c in channels.tolist():
+        g, local = divmod(c, per_group_in)
+        mask[g * per_group_out : (g + 1) * per_group_out, local] = True
+    return mask
+
+
+def train_epoch(model, tuner, batches, epoch: int, lr: float = 0.05) -> None:
+    """The user's plain loop body: what the README shows."""
+    optimizer = torch.optim.SGD(tuner.start_epoch(epoch), lr=lr)
+    for x, y in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        tuner.step(optimizer)
+
+
+def test_rank_profiles_every_layer_and_leaves_the_model_as_given(batches, profile):
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    got = trady.rank(model, batches, epochs=1)
+    assert got.names == ["stem.0", "grouped", "depthwise", "point", "mid"]  # head left out
+    assert got.names == profile.names and got.iterations == len(batches)
+    assert all(lay.rgn > 0 and lay.lara > 0 for lay in got.layers)
+    assert got.layers[1].in_channels == 8 and got.model == "UserNet" and got.resolution == 8
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and not model.training
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(TradyError, match="one-shot iterator"):
+        trady.rank(model, iter(batches), epochs=2)
+
+
+@pytest.mark.parametrize("strategy", ["trady", "medyate"])
+def test_tuner_in_a_plain_loop_on_a_model_the_zoo_lacks(batches, profile, strategy):
+    model = build()
+    tuner = trady.Tuner(model, batches[0][0][:1], strategy=strategy, budget="20%", profile=profile, seed=1)
+    assert tuner.costs.classifier == "head" and 0 < tuner.budget_units < tuner.costs.full_units
+    previous, saved = None, None
+    for epoch in (1, 2, 3):
+        weights = {k: v.clone() for k, v in model.state_dict().items()}  # state_dict() holds the trained values
+        if epoch == 3:  # what a checkpoint after epoch 2 holds
+            saved = ({k: v.clone() for k, v in model.state_dict().items()}, tuner.state_dict())
+        train_epoch(model, tuner, batches, epoch)
+        selection = tuner.selection
+        assert 0 < tuner.costs.selection_units(selection) <= tuner.budget_units
+        if previous is not None:
+            assert {k: v.tolist() for k, v in selection.items()} != previous
+        previous = {k: v.tolist() for k, v in selection.items()}
+        now = model.state_dict()
+        for name, module in model.named_modules():
+            if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                continue
+            old, new = weights[f"{name}.weight"], now[f"{name}.weight"]
+            if name == "head":
+                assert not torch.equal(old, new)
+                continue
+            idx = selection.get(name, torch.zeros(0, dtype=torch.int64))
+            mask = channel_mask(old, getattr(module, "groups", 1), idx)
+            assert torch.equal(old[~mask], new[~mask]), f"{name}: a frozen channel changed"
+            if idx.numel():
+                assert not torch.equal(old[mask], new[mask]), f"{name}: a selected channel did not change"
+            if module.bias is not None:
+                assert torch.equal(weights[f"{name}.bias"], now[f"{name}.bias"])
+        assert all(torch.equal(weights[n], b) for n, b in model.named_buffers())  # BatchNorm frozen
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    final_selection = {k: v.tolist() for k, v in tuner.selection.items()}
+    tuner.restore()
+    assert type(model.grouped) is torch.nn.Conv2d
+
+    # resume: a fresh model and tuner from the epoch-2 state, then epoch 3 again
+    model2 = build()
+    tuner2 = trady.Tuner(model2, batches[0][0][:1], strategy=strategy, budget="20%", profile=profile, seed=1)
+    model2.load_state_dict(saved[0])
+    tuner2.load_state_dict(saved[1])
+    train_epoch(model2, tuner2, batches, 3)
+    assert {k: v.tolist() for k, v in tuner2.selection.items()} == final_selection
+    got = model2.state_dict()
+    assert all(torch.equal(final[k], got[k]) for k in final)
+
+
+def test_resample_every_redraws_within_an_epoch_and_swaps_the_optimizer(batches, profile):
+    model = build()
+    tuner = trady.Tuner(model, batches[0][0][:1], budget="20%", profile=profile, resample_every=3)
+    optimizer = torch.optim.SGD(tuner.start_epoch(1), lr=0.05)
+    draws = [{k: v.tolist() for k, v in tuner.selection.items()}]
+    for i, (x, y) in enumerate(batches[:7], start=1):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        assert tuner.step(optimizer) == (i % 3 == 0)
+        current = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert {id(p) for p in tuner.parameters()} == current  # the optimizer trains the current draw
+        draws.append({k: v.tolist() for k, v in tuner.selection.items()})
+    assert draws[3] != draws[2] and draws[6] != draws[5] and draws[1] == draws[0]
+    assert tuner.draw == 2
+    tuner.start_epoch(2)  # the count restarts with the epoch; its first draw is draw 0
+    assert tuner.draw == 0 and tuner.steps == 0
+
+
+def test_tuner_errors_name_the_value(batches, profile):
+    x = batches[0][0][:1]
+    with pytest.raises(TradyError, match="needs a budget"):
+        trady.Tuner(build(), x, profile=profile)
+    with pytest.raises(TradyError, match="cheapest channel costs"):
+        trady.Tuner(build(), x, budget=1, profile=profile)
+    with pytest.raises(TradyError, match="resample_every"):
+        trady.Tuner(build(), x, budget="20%", profile=profile, resample_every=0)
+    tuner = trady.Tuner(build(), x, strategy="d-det-rgn", budget="20%")
+    with pytest.raises(TradyError, match="grad_batches"):
+        tuner.start_epoch(1)
+    full = trady.Tuner(build(), x, budget="100%", profile=profile)
+    assert full.mode == "full" and "running full fine-tuning instead" in full.notes[0]
+
+
+def test_det_rgn_gets_its_full_gradient_through_the_tuner(batches):
+    model = build()
+    tuner = trady.Tuner(model, batches[0][0][:1], strategy="d-det-rgn", budget="20%", grad_batches=batches)
+    tuner.start_epoch(1)
+    # the selection is the highest-RGN channels of a dense gradient over the first 8 batches
+    ref = build()
+    for x, y in batches[:8]:
+        F.cross_entropy(ref(x), y).backward()
+    from trady.ranking import channel_norms
+
+    rgn = {}
+    for lay in tuner.costs.layers:
+        m = ref.get_submodule(lay.name)
+        rgn[lay.name] = channel_norms(m.weight.grad, getattr(m, "groups", 1)) / lay.space_units_per_channel
+    best = max(((n, c) for n, v in rgn.items() for c in range(len(v))), key=lambda nc: rgn[nc[0]][nc[1]])
+    assert best[1] in tuner.selection[best[0]].tolist()
+    assert all(p.grad is None for p in model.parameters())  # the pass made no update and left no gradient
