@@ -6,13 +6,25 @@ change (checked against a hand-computed mask of each layer's input-channel entri
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import trady
+from helpers import assert_same_weights, cli, metrics, weights
+from trady import train
+from trady.config import FinetuneConfig
+from trady.costs import analyze, parse_budget
 from trady.data import load_dataset
 from trady.errors import TradyError
+from trady.io import write_jsonl
+from trady.ranking import RankingProfile
 from user_model import build
 
 
@@ -169,3 +181,109 @@ def test_det_rgn_gets_its_full_gradient_through_the_tuner(batches):
     best = max(((n, c) for n, v in rgn.items() for c in range(len(v))), key=lambda nc: rgn[nc[0]][nc[1]])
     assert best[1] in tuner.selection[best[0]].tolist()
     assert all(p.grad is None for p in model.parameters())  # the pass made no update and left no gradient
+
+
+# --------------------------------------------------------------------------------------------------
+# the same through finetune(config, model=...) and through the CLI's --model file.py:fn
+
+USER_MODEL = str(Path(__file__).with_name("user_model.py"))
+
+
+def keep_every_checkpoint(monkeypatch) -> list[dict]:
+    """The state of each epoch's checkpoint, as finetune writes it (the run folder keeps only the last)."""
+    kept: list[dict] = []
+    real = train.save_torch
+
+    def save(path, state):
+        real(path, state)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        kept.append(torch.load(buffer, weights_only=True))
+
+    monkeypatch.setattr(train, "save_torch", save)
+    return kept
+
+
+def check_epochs(start: dict[str, torch.Tensor], kept: list[dict], budget: str) -> None:
+    """Per epoch: the budget holds, the selection is redrawn, only the selected slices and the head change."""
+    model = build()
+    costs = analyze(model, example_input=torch.zeros(1, 3, 8, 8))
+    units = parse_budget(budget, costs)
+    before, previous = start, None
+    for state in kept:
+        selection = state["tuner"]["selection"]
+        assert 0 < costs.selection_units(selection) <= units
+        as_lists = {k: v.tolist() for k, v in selection.items()}
+        assert as_lists != previous
+        previous = as_lists
+        after = state["model"]
+        for lay in costs.layers:  # every layer but the head
+            name = lay.name
+            old, new = before[f"{name}.weight"], after[f"{name}.weight"]
+            module = model.get_submodule(name)
+            idx = selection.get(name, torch.zeros(0, dtype=torch.int64))
+            mask = channel_mask(old, getattr(module, "groups", 1), idx)
+            assert torch.equal(old[~mask], new[~mask]), f"epoch {state['epoch']}: {name}: a frozen channel changed"
+            if idx.numel():
+                assert not torch.equal(old[mask], new[mask])
+        assert not torch.equal(before["head.weight"], after["head.weight"])
+        changed = {k for k in after if not torch.equal(before[k], after[k])}
+        assert changed <= {f"{n}.weight" for n in selection} | {"head.weight", "head.bias"}
+        before = after
+
+
+def tensor_data(split: str, n: int) -> torch.utils.data.TensorDataset:
+    x, y = zip(*digits_batches(n, batch=n, split=split))
+    return torch.utils.data.TensorDataset(x[0], y[0])
+
+
+def test_finetune_a_user_model_on_torch_datasets_and_resume(tmp_path, monkeypatch, profile):
+    profile_path = tmp_path / "profile.json"
+    profile.save(profile_path)
+    train_data, test_data = tensor_data("train", 128), tensor_data("test", 64)
+    config = FinetuneConfig(strategy="trady", budget="20%", profile=str(profile_path), epochs=3, batch_size=32,
+                            lr=0.05, warmup_epochs=0, seed=1, out=str(tmp_path / "run"), progress=False, threads=1)
+    kept = keep_every_checkpoint(monkeypatch)
+    summary = train.finetune(config, model=build(), train_data=train_data, test_data=test_data)
+    assert summary["model"] == "UserNet" and summary["dataset"] == "TensorDataset" and summary["epochs_done"] == 3
+    assert summary["train_size"] == 128 and summary["classes"] == 10 and summary["status"] == "ok"
+    check_epochs(build().state_dict(), kept, "20%")
+
+    cut = cut_after(tmp_path / "run", tmp_path / "cut", kept[1])
+    again = dataclasses.replace(config, out=str(cut))
+    train.finetune(again, model=build(), train_data=train_data, test_data=test_data, resume=True)
+    assert metrics(cut) == metrics(tmp_path / "run")
+    assert_same_weights(weights(cut), weights(tmp_path / "run"))
+
+
+def cut_after(ref: Path, folder: Path, state: dict) -> Path:
+    """The folder a run killed during the next epoch leaves: config, that epoch's checkpoint, its metrics."""
+    folder.mkdir()
+    shutil.copy(ref / "config.json", folder / "config.json")
+    torch.save(state, folder / train.CHECKPOINT)
+    write_jsonl(folder / "metrics.jsonl", state["metrics"])
+    return folder
+
+
+def test_cli_ranks_and_finetunes_a_user_model_from_a_file(tmp_path, monkeypatch):
+    model = f"{USER_MODEL}:build"
+    profile = tmp_path / "profile.json"
+    data = ["--data", "digits", "--train-size", "128", "--resolution", "8"]
+    assert cli(["rank", "--model", model, *data, "--epochs", "1", "--batch-size", "32", "--out", profile,
+                "--no-progress"]) == 0  # fmt: skip
+    ranked = RankingProfile.load(profile)
+    assert ranked.names == ["stem.0", "grouped", "depthwise", "point", "mid"] and ranked.model == model
+    args = ["finetune", "--model", model, *data, "--test-size", "64", "--batch-size", "32", "--epochs", "3",
+            "--strategy", "trady", "--budget", "20%", "--profile", profile, "--lr", "0.05", "--warmup-epochs", "0",
+            "--threads", "1", "--no-progress", "--seed", "1"]  # fmt: skip
+    kept = keep_every_checkpoint(monkeypatch)
+    assert cli([*args, "--out", tmp_path / "run"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["model"] == model
+    start = build(10).state_dict()  # what the CLI built first (build seeds itself)
+    check_epochs(start, kept, "20%")
+
+    cut = cut_after(tmp_path / "run", tmp_path / "cut", kept[1])
+    assert cli(["finetune", "--resume", cut, "--no-progress"]) == 0
+    assert metrics(cut) == metrics(tmp_path / "run")
+    assert_same_weights(weights(cut), weights(tmp_path / "run"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import cli, metrics, run_args, shared_profile, tiny_config, weights
-from trady import distributed, train
+from trady import checkpoint, distributed, train
 from trady.errors import TradyError
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -61,21 +61,22 @@ def test_only_the_trained_slices_are_all_reduced(profile, monkeypatch):
     optimizer's tensors (selected slices + classifier), and the same numbers as one process."""
     reference = train.setup(tiny_config(profile))
     train.choose_selection(reference, 1)
-    train.train_epoch(reference, 1, train._make_optimizer(reference), False)
+    train.train_epoch(reference, 1, train.make_optimizer(reference), False)
 
     run = train.setup(tiny_config(profile))
     train.choose_selection(run, 1)
-    trained = train._trainable(run)
+    trained = run.tuner.parameters()
     sizes: list[int] = []
 
     def fake_all_reduce(tensor, op=None, group=None, async_op=False):
         sizes.append(tensor.numel())
         tensor.mul_(2)  # the sum over two ranks holding the same values
 
-    monkeypatch.setattr(distributed, "rank_world", lambda: (0, 2))
+    monkeypatch.setattr(run, "world", 2)  # decided once per run (setup): the loop reads it from the run
+    monkeypatch.setattr(distributed, "rank_world", lambda: (0, 2))  # what the collectives see
     monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
     monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src, group=None, async_op=False: None)
-    train.train_epoch(run, 1, train._make_optimizer(run), False)
+    train.train_epoch(run, 1, train.make_optimizer(run), False)
     monkeypatch.undo()
 
     steps = len(run.train_loader)
@@ -86,10 +87,10 @@ def test_only_the_trained_slices_are_all_reduced(profile, monkeypatch):
     ref, got = reference.model.state_dict(), run.model.state_dict()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
-    state = train._checkpoint_state(run, 1, [{}], 0.0)
+    state = checkpoint.checkpoint_state(run, 1, [{}], 0.0)
     state["world_size"] = 2
     with pytest.raises(TradyError, match="2 process\\(es\\), this one has 1"):
-        train._check_compatible(run, state, Path("checkpoint.pt"))
+        checkpoint.check_compatible(run, state, Path("checkpoint.pt"))
 
 
 def test_process_group_from_torchrun_environment(monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from trady import ranking
+from trady import profiling, ranking
 from trady.costs import CostTable, LayerInfo, analyze
 from trady.errors import TradyError
 from trady.ranking import LayerRank, RankAccumulator, RankingProfile, channel_norms, top_k_count
@@ -277,4 +277,4 @@ def test_compute_profile_and_cli(tmp_path):
 def test_compute_profile_rejects_bad_settings():
     for kwargs, match in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"threshold": 1.5}, "threshold")]:
         with pytest.raises(TradyError, match=match):
-            ranking.compute_profile("mcunet-in1", **kwargs)
+            profiling.compute_profile("mcunet-in1", **kwargs)

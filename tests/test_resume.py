@@ -33,7 +33,7 @@ from helpers import (
     trady_command_killed_after_step,
     weights,
 )
-from trady import train
+from trady import checkpoint, train
 from trady.io import read_jsonl, write_jsonl
 
 
@@ -124,12 +124,12 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, tmp_path_factory, pr
 def test_rng_states_round_trip_through_a_weights_only_checkpoint():
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     buffer = io.BytesIO()
-    torch.save(train._rng_state(), buffer)
+    torch.save(checkpoint.rng_state(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     draws = (torch.rand(3), random.random(), float(np.random.rand()))
     torch.manual_seed(2), random.seed(2), np.random.seed(2)
-    train._set_rng_state(state)
+    checkpoint.set_rng_state(state)
     assert torch.equal(torch.rand(3), draws[0])
     assert random.random() == draws[1] and float(np.random.rand()) == draws[2]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import MODEL, cli, error_line, tiny_config, write_profile
-from trady import models, train
+from trady import checkpoint, models, train
 from trady.errors import TradyError
 from trady.io import write_json
 from trady.models import mcu
@@ -36,7 +36,7 @@ def marker(tmp_path) -> Path:
 
 
 def evil_checkpoint(path: Path, marker: Path) -> Path:
-    torch.save({"format": train.CHECKPOINT_FORMAT, "epoch": 0, "model": {}, "hook": Payload(marker)}, path)
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "epoch": 0, "model": {}, "hook": Payload(marker)}, path)
     return path
 
 
@@ -88,7 +88,7 @@ def test_checkpoints_and_safetensors_load_as_weights(tmp_path):
 
     net = models.create(MODEL, pretrained=True, num_classes=10)
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    torch.save({"format": train.CHECKPOINT_FORMAT, "epoch": 1, "model": state}, tmp_path / "checkpoint.pt")
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "epoch": 1, "model": state}, tmp_path / "checkpoint.pt")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     for name in ("checkpoint.pt", "model.safetensors"):
         loaded = models.create(MODEL, weights=tmp_path / name).state_dict()
@@ -98,7 +98,7 @@ def test_checkpoints_and_safetensors_load_as_weights(tmp_path):
 def test_weights_option_accepts_a_run_checkpoint(tmp_path, capsys):
     """--weights takes a trady checkpoint (its `model` entry); --weights implies --no-pretrained."""
     net = models.create(MODEL, pretrained=True, num_classes=10)
-    torch.save({"format": train.CHECKPOINT_FORMAT, "model": net.state_dict()}, tmp_path / "checkpoint.pt")
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "model": net.state_dict()}, tmp_path / "checkpoint.pt")
     profile = write_profile(tmp_path / "profile.json")
     args = ["--model", MODEL, "--data", "digits", "--train-size", "32", "--test-size", "32", "--resolution", "32",
             "--batch-size", "32", "--epochs", "1", "--strategy", "classifier", "--threads", "1", "--no-progress",

@@ -64,7 +64,7 @@ def test_measuring_the_first_step_does_not_change_numerics(profile, strategy, on
         for epoch in (1, 2):
             if run.mode == "sparse":
                 train.choose_selection(run, epoch)
-            optimizer = run.optimizer or train._make_optimizer(run)
+            optimizer = run.optimizer or train.make_optimizer(run)
             stats = train.train_epoch(run, epoch, optimizer, measure=measure)
             losses.append((stats["train_loss"], stats["train_acc"]))
             assert ("measured_saved_bytes" in stats) == measure

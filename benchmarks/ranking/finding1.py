@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from trady.io import write_json
-from trady.ranking import RankingProfile, compute_profile, spearman_layer_order
+from trady.profiling import compute_profile
+from trady.ranking import RankingProfile, spearman_layer_order
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

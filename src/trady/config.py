@@ -10,11 +10,18 @@ from typing import Any
 
 from trady.errors import TradyError
 
+CHECKPOINT = "checkpoint.pt"  # the run folder's checkpoint file (written by trady.checkpoint)
+# The one list of settings that never change what a run computes (where it writes, how it reports, how
+# fast it runs, where it finds files whose contents are checked anyway): a resume may change them
+# (`trady finetune --resume DIR --threads 2`), and a sweep ignores them when it checks that a finished
+# run is the one it asks for. Everything else must match.
+NON_RESULT_SETTINGS = ("out", "progress", "threads", "device", "measure_memory", "data_dir", "mcu_dir")
+
 
 @dataclass
 class FinetuneConfig:
     # what to train
-    model: str = "mobilenet_v2"
+    model: str = "mobilenet_v2"  # a zoo name, or a user builder: path/to/file.py:build_fn, package.module:fn
     pretrained: bool = True
     weights: str | None = None  # a local .pth/.safetensors file instead of the packaged weights
     mcu_dir: str | None = None  # folder of the paper's int8 MCU models
@@ -38,6 +45,7 @@ class FinetuneConfig:
     train_bias: bool = False
     mask_bits: int = 1  # ReLU masks kept for backward: 1 (bit-packed) or 8 (bool)
     strategy_options: dict[str, Any] = field(default_factory=dict)
+    resample_every: int | None = None  # redraw the selection every N steps; None: once per epoch (the paper)
     # bookkeeping
     seed: int = 0
     out: str | None = None
@@ -78,7 +86,7 @@ class FinetuneConfig:
             raise TradyError(f"classifier_init must be 'default' or 'zeros', got {self.classifier_init!r}")
         if self.mask_bits not in (1, 8):
             raise TradyError(f"mask_bits must be 1 or 8, got {self.mask_bits}")
-        for name in ("train_size", "test_size", "resolution"):
+        for name in ("train_size", "test_size", "resolution", "resample_every"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise TradyError(f"{name} must be >= 1, got {v}")

@@ -4,7 +4,8 @@ Per input channel c of layer i (method.md):
   ||g_c||  = norm of dL/dW_i over every weight dimension except the input channel
   RGN_c    = ||g_c|| / (C^W_c + C^A_c)
   layer RGN = sum_c RGN_c;  LaRa_i = ||dL/dW_i|| / sum_c (C^W_c + C^A_c)
-Both are accumulated (summed) over every iteration of the profiling run. Finding 1 of the paper: the
+Both are accumulated (summed) over every iteration of the profiling run (trady.profiling runs it:
+`trady.rank(model, batches)` for any model, `compute_profile(name)` for a zoo model). Finding 1 of the paper: the
 order of layers by layer RGN depends on the architecture, hardly on the task, so one profile per model
 is computed offline and shipped in `trady/profiles/<model>.json`; K = the smallest number of layers
 whose cumulated RGN reaches 97% of the total.
@@ -15,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -410,109 +410,6 @@ class RankAccumulator:
             iterations=self.iterations,
             extra=dict(extra or {}),
         )
-
-
-# ----------------------------------------------------------------------------------------------------
-# the profiling run
-
-
-def compute_profile(
-    model_name: str,
-    data: str = "digits",
-    epochs: int = 3,
-    seed: int = 0,
-    train_size: int | None = 512,
-    resolution: int | None = None,
-    batch_size: int = 32,
-    lr: float = 0.05,
-    clip_grad_norm: float | None = 1.0,
-    threshold: float = DEFAULT_THRESHOLD,
-    data_dir: str | None = None,
-    mcu_dir: str | None = None,
-    device: str = "cpu",
-    progress: Callable[[int, int, float], None] | None = None,
-) -> RankingProfile:
-    """Fine-tune the pretrained model fully for a few epochs on `data` and record RGN / LaRa.
-
-    Plain SGD (no momentum, no weight decay), cosine learning rate from `lr` to 0 over all
-    iterations, BatchNorm frozen (model in eval mode: running statistics are used and not updated),
-    every weight trainable. The update is clipped to a total gradient norm of `clip_grad_norm` (None:
-    no clipping): without it full fine-tuning at lr 0.05 diverges within a few steps on the MCU models,
-    whose BatchNorm is folded into the convolutions. RGN is accumulated from the raw (unclipped)
-    gradients. `progress(step, total_steps, loss)` is called after each step.
-    """
-    from trady import models
-    from trady.costs import analyze
-    from trady.data import BatchLoader, load_dataset
-    from trady.transforms import ImageTransform
-
-    if epochs < 1:
-        raise TradyError(f"epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise TradyError(f"batch_size must be >= 1, got {batch_size}")
-    if lr <= 0:
-        raise TradyError(f"lr must be > 0, got {lr}")
-    if not 0.0 < threshold <= 1.0:
-        raise TradyError(f"threshold must be in (0, 1], got {threshold}")
-    spec = models.spec(model_name)
-    res = int(resolution or spec.resolution)
-    torch.manual_seed(seed)
-    pair = load_dataset(data, data_dir=data_dir, train_size=train_size, test_size=1, seed=seed)
-    num_classes = len(pair.classes)
-    kwargs = {"pretrained": True, "num_classes": num_classes}
-    if mcu_dir is not None:
-        kwargs["mcu_dir"] = mcu_dir
-    model = models.create(model_name, **kwargs).to(device)
-    costs = analyze(model, input_shape=(1, 3, res, res), classifier="classifier")
-    model.eval()  # frozen BatchNorm (and no dropout)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    transform = ImageTransform(res, spec.mean, spec.std, train=True)
-    loader = BatchLoader(pair.train, batch_size, transform, shuffle=True, seed=seed, drop_last=True)
-    steps_per_epoch = len(pair.train) // batch_size
-    if steps_per_epoch < 1:
-        raise TradyError(f"train_size {len(pair.train)} is smaller than one batch of {batch_size}")
-    total = steps_per_epoch * epochs
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total))
-    )
-    loss_fn = nn.CrossEntropyLoss()
-    acc = RankAccumulator(model, costs)
-    start = time.perf_counter()
-    step = 0
-    losses = []
-    for epoch in range(1, epochs + 1):
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            if not torch.isfinite(loss):
-                raise TradyError(f"loss became {float(loss)} at step {step + 1}; try a smaller lr than {lr}")
-            loss.backward()
-            acc.update()  # the raw gradient, before any clipping
-            if clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress(step, total, losses[-1])
-    extra = {
-        "lr": lr,
-        "clip_grad_norm": clip_grad_norm,
-        "batch_size": batch_size,
-        "train_size": len(pair.train),
-        "final_loss": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
-        "wall_time_s": round(time.perf_counter() - start, 2),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "torch": torch.__version__,
-    }
-    return acc.profile(model_name, res, pair.name, epochs, seed, threshold=threshold, extra=extra)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trady.config import FinetuneConfig
+from trady.config import CHECKPOINT, NON_RESULT_SETTINGS, FinetuneConfig
 from trady.errors import TradyError, unknown_name
 from trady.io import write_json, write_text
 
@@ -38,13 +38,8 @@ NON_SPARSE_STRATEGIES = ("full", "classifier", "bias")
 # Grid axes and the FinetuneConfig field each one sets.
 AXES = {"models": "model", "datasets": "data", "budgets": "budget", "strategies": "strategy", "seeds": "seed"}
 
-# Config fields that do not change what a run computes: ignored when checking that a finished run
-# was made with the same settings as the sweep now asks for.
-_BOOKKEEPING = {"out", "progress", "threads", "device", "measure_memory", "data_dir", "mcu_dir", "profile",
-                "weights"}
 
 Runner = Callable[..., dict]  # runner(config) -> summary; may also take resume=True
-CHECKPOINT = "checkpoint.pt"
 
 
 def is_sparse(strategy: str) -> bool:
@@ -251,7 +246,7 @@ def _settings_diff(stored: dict, wanted: dict) -> str | None:
     """Differences in what a run computes between a stored config.json and the wanted config."""
     diffs = []
     for key, value in wanted.items():
-        if key in _BOOKKEEPING or value is None or key not in stored:
+        if key in NON_RESULT_SETTINGS or value is None or key not in stored:
             continue  # None: "the default", which the trainer may have filled in
         if stored[key] != value:
             diffs.append(f"{key}: {stored[key]!r} there, {value!r} now")

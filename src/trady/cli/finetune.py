@@ -6,14 +6,20 @@ import argparse
 import json
 from pathlib import Path
 
-from trady.config import FinetuneConfig
+from trady.config import NON_RESULT_SETTINGS, FinetuneConfig
 from trady.errors import TradyError
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """The FinetuneConfig fields as options (shared with commands that launch fine-tunes)."""
     d = FinetuneConfig()
-    p.add_argument("--model", default=d.model, help=f"zoo model name (default {d.model}; see `trady models`)")
+    p.add_argument(
+        "--model", default=d.model,
+        help=f"zoo model name (default {d.model}; see `trady models`), or your own model: path/to/file.py:build_fn "
+        "or package.module:build_fn. This imports and RUNS that code, as any Python entry point does; "
+        "build_fn(num_classes=N) (or build_fn()) returns an nn.Module taking [B, 3, R, R] images normalised "
+        "with ImageNet's mean/std, R = --resolution (required for your own model)",
+    )  # fmt: skip
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="start from random weights")
     p.add_argument(
         "--weights",
@@ -93,8 +99,9 @@ per step (global batch = batch-size x N); every process trains the same channels
 weight slices, the classifier and trained biases are all-reduced. Rank 0 writes the run folder.
 """
 
-# Options that may accompany --resume (the rest of the settings come from DIR/config.json).
-RESUME_OPTIONS = {"resume", "out", "json", "progress", "threads", "device"}
+# Options that may accompany --resume: the settings that do not change results (config.py's one list)
+# and the CLI's own; the rest of the settings come from DIR/config.json.
+RESUME_OPTIONS = {"resume", "json", *NON_RESULT_SETTINGS}
 
 
 def register(sub) -> None:
@@ -112,7 +119,8 @@ def register(sub) -> None:
     p.add_argument(
         "--resume", metavar="DIR",
         help="continue the run in DIR from its last checkpoint, with its own settings (DIR/config.json); "
-        "only --threads, --device, --no-progress and --json may be given with it",
+        "only settings that do not change results (--threads, --device, --no-progress, --no-measure, --data-dir, "
+        "--mcu-dir) and --json may be given with it",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run, _finetune_parser=p)
@@ -152,11 +160,12 @@ def _resume_config(args: argparse.Namespace) -> FinetuneConfig:
     except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise TradyError(f"cannot resume {str(folder)!r}: its config.json is unreadable ({err})") from None
     config.out = str(folder)
+    defaults = FinetuneConfig()
+    for name in NON_RESULT_SETTINGS:  # given on the command line: they win over config.json
+        value = getattr(args, name, None)
+        if name != "out" and value is not None and value != getattr(defaults, name):
+            setattr(config, name, value)
     config.progress = args.progress
-    if args.threads:
-        config.threads = args.threads
-    if args.device != FinetuneConfig().device:
-        config.device = args.device
     return config
 
 
@@ -169,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args)
         if not args.out:
-            name = f"{config.model}__{Path(config.data).name}__{config.strategy}__s{config.seed}"
+            model = Path(config.model).name.replace(":", "-")  # a builder path/to/file.py:fn -> file.py-fn
+            name = f"{model}__{Path(config.data).name}__{config.strategy}__s{config.seed}"
             args.out = str(Path("runs") / name)
         config.out = args.out
     try:

@@ -13,13 +13,18 @@ def register(sub) -> None:
     p = sub.add_parser(
         "rank",
         help="rank a model's layers by reweighted gradient norm (writes a profile JSON)",
-        description="Fine-tune the pretrained model fully for a few epochs on a proxy task (plain SGD, cosine "
+        description="Fine-tune the (pretrained) model fully for a few epochs on a proxy task (plain SGD, cosine "
         "schedule, frozen BatchNorm), accumulate each layer's reweighted gradient norm (RGN) and LaRa, and "
         "write the layer-ranking profile used by trady / s-topk-random / medyate. K is the smallest number "
         "of layers holding --threshold of the total RGN.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="zoo model name (see `trady models`)")
+    p.add_argument(
+        "--model", required=True,
+        help="zoo model name (see `trady models`), or your own: path/to/file.py:build_fn or package.module:build_fn "
+        "(this imports and RUNS that code; build_fn(num_classes=N) or build_fn() returns an nn.Module; give "
+        "--resolution)",
+    )  # fmt: skip
     p.add_argument("--data", default="digits", help="proxy dataset: digits | fashion-mnist | cifar10 | ... | PATH")
     p.add_argument("--data-dir", help="folder holding the dataset files when not in the default place")
     p.add_argument("--epochs", type=int, default=3)
@@ -44,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from trady.errors import TradyError
-    from trady.ranking import compute_profile, plot_profile
+    from trady.profiling import compute_profile
+    from trady.ranking import plot_profile
 
     if args.threads:
         torch.set_num_threads(args.threads)
