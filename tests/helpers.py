@@ -12,6 +12,7 @@ import torch
 from trady import models, train
 from trady.config import FinetuneConfig
 from trady.costs import analyze
+from trady.data import load_dataset
 from trady.io import read_jsonl
 from trady.ranking import LayerRank, RankingProfile
 
@@ -154,3 +155,25 @@ def error_line(capsys, argv: list) -> str:
     assert "Traceback" not in captured.err
     assert len(lines) == 1 and lines[0].startswith("trady: error: "), captured.err
     return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# any-model tests (test_anymodel, test_lightning, test_readme): real digits batches, hand slicing
+
+
+def digits_batches(n: int = 256, batch: int = 32, split: str = "train") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    pair = load_dataset("digits", seed=0)
+    data = pair.train if split == "train" else pair.test
+    x, y = data.get_batch(torch.arange(min(n, len(data))))
+    x = (x.float() / 255.0 - 0.5).expand(-1, 3, -1, -1).contiguous()  # grey -> 3 channels, centred
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)]
+
+
+def channel_mask(weight: torch.Tensor, groups: int, channels: torch.Tensor) -> torch.Tensor:
+    """True at the weight entries owned by the given input channels (hand slicing, group by group)."""
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    per_group_in, per_group_out = weight.shape[1], weight.shape[0] // groups
+    for c in channels.tolist():
+        g, local = divmod(c, per_group_in)
+        mask[g * per_group_out : (g + 1) * per_group_out, local] = True
+    return mask

@@ -17,23 +17,14 @@ import torch
 import torch.nn.functional as F
 
 import trady
-from helpers import assert_same_weights, cli, metrics, weights
+from helpers import assert_same_weights, channel_mask, cli, digits_batches, metrics, weights
 from trady import train
 from trady.config import FinetuneConfig
 from trady.costs import analyze, parse_budget
-from trady.data import load_dataset
 from trady.errors import TradyError
 from trady.io import write_jsonl
 from trady.ranking import RankingProfile
 from user_model import build
-
-
-def digits_batches(n: int = 256, batch: int = 32, split: str = "train") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    pair = load_dataset("digits", seed=0)
-    data = pair.train if split == "train" else pair.test
-    x, y = data.get_batch(torch.arange(min(n, len(data))))
-    x = (x.float() / 255.0 - 0.5).expand(-1, 3, -1, -1).contiguous()  # grey -> 3 channels, centred
-    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)]
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +35,6 @@ def batches():
 @pytest.fixture(scope="module")
 def profile(batches):
     return trady.rank(build(), batches, epochs=1)
-
-
-def channel_mask(weight: torch.Tensor, groups: int, channels: torch.Tensor) -> torch.Tensor:
-    """True at the weight entries owned by the given input channels (hand slicing, group by group)."""
-    mask = torch.zeros_like(weight, dtype=torch.bool)
-    per_group_in, per_group_out = weight.shape[1], weight.shape[0] // groups
-    for c in channels.tolist():
-        g, local = divmod(c, per_group_in)
-        mask[g * per_group_out : (g + 1) * per_group_out, local] = True
-    return mask
 
 
 def train_epoch(model, tuner, batches, epoch: int, lr: float = 0.05) -> None:

@@ -1,0 +1,88 @@
+"""A PyTorch Lightning callback that applies a strategy to a LightningModule (extra: `trady[lightning]`).
+
+    trainer = lightning.Trainer(max_epochs=10, callbacks=[TradyCallback(example_input, budget="5%",
+                                                                        profile=profile)])
+    trainer.fit(module, loader)
+
+At fit start the callback makes a `trady.Tuner` over the LightningModule (the last Conv2d/Linear
+called in its forward is the head, or `EngineConfig(classifier=...)`). At each training epoch's
+start it draws the epoch's selection and puts the selected slices into the module's optimizer (the
+one `configure_optimizers` returned, in the group that held the last ones, else the first); the
+head keeps training through the optimizer's own param groups, the frozen weights get no gradient,
+which torch optimizers skip. With `resample_every` it redraws after every N training batches. The
+tuner's state is the callback's state in Lightning checkpoints (an exact resume of the draws); at fit
+end the module gets its stock layers back, the trained values in its own weights. One optimizer only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning
+import torch
+
+from trady.engine import EngineConfig
+from trady.errors import TradyError
+from trady.ranking import RankingProfile
+from trady.tuner import Tuner, _swap_params
+
+
+class TradyCallback(lightning.Callback):
+    def __init__(
+        self,
+        example_input: torch.Tensor,
+        *,
+        strategy: str = "trady",
+        budget: int | str | None = None,
+        profile: RankingProfile | str | None = None,
+        seed: int = 0,
+        config: EngineConfig | None = None,
+        resample_every: int | None = None,
+    ) -> None:
+        self.example_input = example_input
+        self.options = dict(strategy=strategy, budget=budget, profile=profile, seed=seed, config=config,
+                            resample_every=resample_every)  # fmt: skip
+        self.tuner: Tuner | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._installed: list[torch.Tensor] = []  # the slices now in the optimizer
+
+    def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            got = len(trainer.optimizers)
+            raise TradyError(f"TradyCallback drives one optimizer; configure_optimizers returned {got}")
+        pl_module.eval()  # frozen BatchNorm (running statistics), no dropout: the paper's recipe
+        self.tuner = Tuner(pl_module, self.example_input.to(pl_module.device), **self.options)
+        if self._pending_state is not None:
+            self.tuner.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_train_epoch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        pl_module.eval()  # Lightning sets train mode; prepared BatchNorms are frozen either way, dropout is off
+        self.tuner.start_epoch(trainer.current_epoch + 1)
+        self._install(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.tuner.resample_every is not None:
+            self.tuner.step()
+            self._install(trainer)
+
+    def _install(self, trainer: lightning.Trainer) -> None:
+        new = self.tuner.engine.slice_parameters() if self.tuner.engine is not None else []
+        if [id(p) for p in new] != [id(p) for p in self._installed]:
+            _swap_params(_torch_optimizer(trainer.optimizers[0]), self._installed, new)
+            self._installed = new
+
+    def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if self.tuner is not None and not self.tuner.restored:
+            self.tuner.restore()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tuner": self.tuner.state_dict()} if self.tuner is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "tuner" in state_dict:
+            self._pending_state = state_dict["tuner"]  # the tuner is made at fit start
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch one

@@ -1,0 +1,82 @@
+"""trady.lightning.TradyCallback on a toy LightningModule (CPU): per epoch the budget holds and the
+selection is redrawn, and the whole fit equals the plain Tuner loop bit for bit (same draws, weights)."""
+
+from __future__ import annotations
+
+import lightning
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trady
+from helpers import digits_batches
+from trady.lightning import TradyCallback
+from user_model import build
+
+
+class ToyModule(lightning.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Record(lightning.Callback):
+    def __init__(self, trady_cb: TradyCallback) -> None:
+        self.trady_cb, self.selections = trady_cb, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.selections.append({k: v.tolist() for k, v in self.trady_cb.tuner.selection.items()})
+
+
+def fit(batches, profile, epochs: int) -> tuple[ToyModule, TradyCallback, Record]:
+    module = ToyModule()
+    cb = TradyCallback(batches[0][0][:1], budget="20%", profile=profile, seed=1)
+    record = Record(cb)
+    trainer = lightning.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, record], num_sanity_val_steps=0,
+    )  # fmt: skip
+    x, y = (torch.cat(t) for t in zip(*batches))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(batches[0][1]))
+    trainer.fit(module, train_dataloaders=loader)  # the same batches in the same order
+    return module, cb, record
+
+
+@pytest.mark.filterwarnings("ignore:Found .* in eval mode")  # on purpose: frozen BatchNorm, no dropout
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # inside lightning
+def test_callback_equals_the_plain_tuner_loop():
+    batches = digits_batches(128)
+    profile = trady.rank(ToyModule(), batches, epochs=1)  # layer names as the module has them
+    module, cb, record = fit(batches, profile, epochs=3)
+    assert cb.tuner.restored and type(module.net.grouped) is torch.nn.Conv2d  # stock layers after fit
+    for sel in record.selections:
+        units = cb.tuner.costs.selection_units({k: torch.tensor(v) for k, v in sel.items()})
+        assert 0 < units <= cb.tuner.budget_units
+    assert record.selections[0] != record.selections[1] != record.selections[2]
+    assert cb.state_dict()["tuner"]["epoch"] == 3  # what a Lightning checkpoint keeps of the draws
+
+    # the plain loop with the same tuner settings on the same (plain nn.Module) model
+    model = ToyModule()
+    tuner = trady.Tuner(model, batches[0][0][:1], budget="20%", profile=profile, seed=1)
+    plain = []
+    for epoch in (1, 2, 3):
+        optimizer = torch.optim.SGD(tuner.start_epoch(epoch), lr=0.05)
+        for x, y in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        plain.append({k: v.tolist() for k, v in tuner.selection.items()})
+    tuner.restore()
+    assert record.selections == plain
+    ours = module.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in model.state_dict().items())
