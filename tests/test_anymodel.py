@@ -219,15 +219,19 @@ def tensor_data(split: str, n: int) -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(x[0], y[0])
 
 
-def test_finetune_a_user_model_on_torch_datasets_and_resume(tmp_path, monkeypatch, profile):
+@pytest.mark.parametrize("kind", ["Dataset", "DataLoader"])
+def test_finetune_a_user_model_on_torch_data_and_resume(tmp_path, monkeypatch, profile, kind):
     profile_path = tmp_path / "profile.json"
     profile.save(profile_path)
     train_data, test_data = tensor_data("train", 128), tensor_data("test", 64)
+    if kind == "DataLoader":  # iterated as it is (shuffled by trady's own batching only for a Dataset)
+        train_data, test_data = (torch.utils.data.DataLoader(d, batch_size=32) for d in (train_data, test_data))
     config = FinetuneConfig(strategy="trady", budget="20%", profile=str(profile_path), epochs=3, batch_size=32,
                             lr=0.05, warmup_epochs=0, seed=1, out=str(tmp_path / "run"), progress=False, threads=1)
     kept = keep_every_checkpoint(monkeypatch)
     summary = train.finetune(config, model=build(), train_data=train_data, test_data=test_data)
-    assert summary["model"] == "UserNet" and summary["dataset"] == "TensorDataset" and summary["epochs_done"] == 3
+    assert summary["model"] == "UserNet" and summary["dataset"] == ("TensorDataset" if kind == "Dataset" else kind)
+    assert summary["epochs_done"] == 3
     assert summary["train_size"] == 128 and summary["classes"] == 10 and summary["status"] == "ok"
     check_epochs(build().state_dict(), kept, "20%")
 
