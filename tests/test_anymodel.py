@@ -22,7 +22,7 @@ from trady import train
 from trady.config import FinetuneConfig
 from trady.costs import analyze, parse_budget
 from trady.errors import TradyError
-from trady.io import write_jsonl
+from trady.io import read_jsonl, write_jsonl
 from trady.ranking import RankingProfile
 from user_model import build
 
@@ -115,19 +115,25 @@ def test_resample_every_redraws_within_an_epoch_and_swaps_the_optimizer(batches,
     model = build()
     tuner = trady.Tuner(model, batches[0][0][:1], budget="20%", profile=profile, resample_every=3)
     optimizer = torch.optim.SGD(tuner.start_epoch(1), lr=0.05)
-    draws = [{k: v.tolist() for k, v in tuner.selection.items()}]
+    trained = []  # the selection each step trained
     for i, (x, y) in enumerate(batches[:7], start=1):
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert {id(p) for p in tuner.parameters()} == in_optimizer  # the optimizer trains the current draw
+        assert all(p.grad is not None for p in tuner.engine.slice_parameters())
         optimizer.step()
-        assert tuner.step(optimizer) == (i % 3 == 0)
-        current = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        assert {id(p) for p in tuner.parameters()} == current  # the optimizer trains the current draw
-        draws.append({k: v.tolist() for k, v in tuner.selection.items()})
-    assert draws[3] != draws[2] and draws[6] != draws[5] and draws[1] == draws[0]
+        trained.append({k: v.tolist() for k, v in tuner.selection.items()})
+        assert tuner.step(optimizer) == (i % 3 == 0)  # a redraw is due after steps 3 and 6
+    # steps 1-3 train draw 0, steps 4-6 draw 1, step 7 draw 2
+    assert trained[0] == trained[1] == trained[2] != trained[3] == trained[4] == trained[5] != trained[6]
+    assert tuner.draw == 2 and len(tuner.epoch_selections) == 3
+    with torch.no_grad():
+        tuner.step(optimizer), tuner.step(optimizer)  # step 9: a redraw is due ...
+        model(batches[0][0])  # ... but an evaluation forward does not draw
     assert tuner.draw == 2
     tuner.start_epoch(2)  # the count restarts with the epoch; its first draw is draw 0
-    assert tuner.draw == 0 and tuner.steps == 0
+    assert tuner.draw == 0 and tuner.steps == 0 and len(tuner.epoch_selections) == 1
 
 
 def test_tuner_errors_name_the_value(batches, profile):
@@ -272,3 +278,22 @@ def test_cli_ranks_and_finetunes_a_user_model_from_a_file(tmp_path, monkeypatch)
     assert cli(["finetune", "--resume", cut, "--no-progress"]) == 0
     assert metrics(cut) == metrics(tmp_path / "run")
     assert_same_weights(weights(cut), weights(tmp_path / "run"))
+
+
+def test_finetune_resample_every_redraws_within_each_epoch(tmp_path, profile):
+    profile_path = tmp_path / "profile.json"
+    profile.save(profile_path)
+    config = FinetuneConfig(strategy="trady", budget="20%", profile=str(profile_path), epochs=2, batch_size=32,
+                            lr=0.05, seed=1, progress=False, threads=1, resample_every=2, out=str(tmp_path / "run"))
+    data = (tensor_data("train", 128), tensor_data("test", 64))  # 4 steps an epoch: a redraw after the second
+    train.finetune(config, build(), *data)
+    units = parse_budget("20%", analyze(build(), example_input=torch.zeros(1, 3, 8, 8)))
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["draws"] for r in rows] == [2, 2] and all(0 < r["selected_units"] <= units for r in rows)
+
+    run = train.setup(config, build(), *data)
+    train.choose_selection(run, 1)
+    train.train_epoch(run, 1, train.make_optimizer(run), measure=False)
+    draws = [{k: v.tolist() for k, v in d.items()} for d in run.tuner.epoch_selections]
+    assert len(draws) == 2 and draws[0] != draws[1]
+    assert all(0 < run.costs.selection_units(d) <= run.budget_units for d in run.tuner.epoch_selections)

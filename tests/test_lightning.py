@@ -38,9 +38,9 @@ class Record(lightning.Callback):
         self.selections.append({k: v.tolist() for k, v in self.trady_cb.tuner.selection.items()})
 
 
-def fit(batches, profile, epochs: int) -> tuple[ToyModule, TradyCallback, Record]:
+def fit(batches, profile, epochs: int, resample_every=None) -> tuple[ToyModule, TradyCallback, Record]:
     module = ToyModule()
-    cb = TradyCallback(batches[0][0][:1], budget="20%", profile=profile, seed=1)
+    cb = TradyCallback(batches[0][0][:1], budget="20%", profile=profile, seed=1, resample_every=resample_every)
     record = Record(cb)
     trainer = lightning.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -54,10 +54,11 @@ def fit(batches, profile, epochs: int) -> tuple[ToyModule, TradyCallback, Record
 
 @pytest.mark.filterwarnings("ignore:Found .* in eval mode")  # on purpose: frozen BatchNorm, no dropout
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # inside lightning
-def test_callback_equals_the_plain_tuner_loop():
+@pytest.mark.parametrize("resample_every", [None, 2])
+def test_callback_equals_the_plain_tuner_loop(resample_every):
     batches = digits_batches(128)
     profile = trady.rank(ToyModule(), batches, epochs=1)  # layer names as the module has them
-    module, cb, record = fit(batches, profile, epochs=3)
+    module, cb, record = fit(batches, profile, epochs=3, resample_every=resample_every)
     assert cb.tuner.restored and type(module.net.grouped) is torch.nn.Conv2d  # stock layers after fit
     for sel in record.selections:
         units = cb.tuner.costs.selection_units({k: torch.tensor(v) for k, v in sel.items()})
@@ -67,7 +68,7 @@ def test_callback_equals_the_plain_tuner_loop():
 
     # the plain loop with the same tuner settings on the same (plain nn.Module) model
     model = ToyModule()
-    tuner = trady.Tuner(model, batches[0][0][:1], budget="20%", profile=profile, seed=1)
+    tuner = trady.Tuner(model, batches[0][0][:1], budget="20%", profile=profile, seed=1, resample_every=resample_every)
     plain = []
     for epoch in (1, 2, 3):
         optimizer = torch.optim.SGD(tuner.start_epoch(epoch), lr=0.05)
@@ -75,6 +76,7 @@ def test_callback_equals_the_plain_tuner_loop():
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
+            tuner.step(optimizer)
         plain.append({k: v.tolist() for k, v in tuner.selection.items()})
     tuner.restore()
     assert record.selections == plain

@@ -9,7 +9,7 @@ called in its forward is the head, or `EngineConfig(classifier=...)`). At each t
 start it draws the epoch's selection and puts the selected slices into the module's optimizer (the
 one `configure_optimizers` returned, in the group that held the last ones, else the first); the
 head keeps training through the optimizer's own param groups, the frozen weights get no gradient,
-which torch optimizers skip. With `resample_every` it redraws after every N training batches. The
+which torch optimizers skip. With `resample_every` it redraws every N training batches. The
 tuner's state is the callback's state in Lightning checkpoints (an exact resume of the draws); at fit
 end the module gets its stock layers back, the trained values in its own weights. One optimizer only.
 """
@@ -24,7 +24,7 @@ import torch
 from trady.engine import EngineConfig
 from trady.errors import TradyError
 from trady.ranking import RankingProfile
-from trady.tuner import Tuner, _swap_params
+from trady.tuner import Tuner, swap_params
 
 
 class TradyCallback(lightning.Callback):
@@ -44,7 +44,6 @@ class TradyCallback(lightning.Callback):
                             resample_every=resample_every)  # fmt: skip
         self.tuner: Tuner | None = None
         self._pending_state: dict[str, Any] | None = None
-        self._installed: list[torch.Tensor] = []  # the slices now in the optimizer
 
     def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -58,19 +57,14 @@ class TradyCallback(lightning.Callback):
 
     def on_train_epoch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         pl_module.eval()  # Lightning sets train mode; prepared BatchNorms are frozen either way, dropout is off
+        engine = self.tuner.engine
+        old = engine.slice_parameters() if engine is not None else []  # what the optimizer holds now
         self.tuner.start_epoch(trainer.current_epoch + 1)
-        self._install(trainer)
+        if engine is not None:
+            swap_params(_torch_optimizer(trainer.optimizers[0]), old, engine.slice_parameters())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.tuner.resample_every is not None:
-            self.tuner.step()
-            self._install(trainer)
-
-    def _install(self, trainer: lightning.Trainer) -> None:
-        new = self.tuner.engine.slice_parameters() if self.tuner.engine is not None else []
-        if [id(p) for p in new] != [id(p) for p in self._installed]:
-            _swap_params(_torch_optimizer(trainer.optimizers[0]), self._installed, new)
-            self._installed = new
+        self.tuner.step(_torch_optimizer(trainer.optimizers[0]))  # resample_every: swaps the slices itself
 
     def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if self.tuner is not None and not self.tuner.restored:

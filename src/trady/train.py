@@ -97,11 +97,11 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
         if not torch.isfinite(value):
             raise NonFiniteLoss(epoch, i + 1, steps, value=float(value))
         loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"]]  # a resample_every redraw swaps them
         if distributed_run:
             run.comm_elements = _all_reduce_grads(params)
         optimizer.step()  # the tuner's optimizer pre-hook records MeDyate's gradient norms first
-        if run.tuner.step(optimizer):  # resample_every: a new draw is in the optimizer now
-            params = [p for g in optimizer.param_groups for p in g["params"]]
+        run.tuner.step(optimizer)  # resample_every: the next forward trains (and the optimizer holds) a new draw
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -258,9 +258,7 @@ def _finetune(run: Run, resume: bool) -> dict[str, Any]:
                 **{k: stats[k] for k in ("lr", "train_loss", "train_acc")},
                 "test_loss": test_loss,
                 "test_acc": test_acc,
-                "selected_channels": sum(len(v) for v in selection.values()),
-                "selected_units": run.costs.selection_units(selection),
-                **_sparsity(run, selection),
+                **_selection_stats(run, run.tuner.epoch_selections or [selection]),
                 "measured_saved_bytes": stats.get("measured_saved_bytes"),
                 "measured_budgeted_bytes": stats.get("measured_budgeted_bytes"),
                 "epoch_time_s": time.perf_counter() - t_epoch,
@@ -295,6 +293,18 @@ def _kept_note(out: Path | None, rows: list[dict]) -> str:
     if out is None:
         return f"the last good epoch is {len(rows)}"
     return f"the last good checkpoint (epoch {len(rows)}) is kept in {out / CHECKPOINT}"
+
+
+def _selection_stats(run: Run, selections: list[Selection]) -> dict[str, float]:
+    """Channels, units and sparsities of the epoch's selection (the mean over its draws with resample_every)."""
+    rows = [
+        {"selected_channels": sum(len(v) for v in sel.values()), "selected_units": run.costs.selection_units(sel),
+         **_sparsity(run, sel)}
+        for sel in selections
+    ]  # fmt: skip
+    if len(rows) == 1:
+        return rows[0]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} | {"draws": len(rows)}
 
 
 def _sparsity(run: Run, selection: Selection) -> dict[str, float]:

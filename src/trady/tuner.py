@@ -22,10 +22,12 @@ reads the per-channel gradient norms of the trained slices from a global optimiz
 `grad_source == "full"` (d-/s-det-rgn) runs a full-gradient pass without update on `grad_batches`
 (the first FULL_GRAD_BATCHES of them) before each draw.
 
-`resample_every=N` redraws the selection after every N calls of `tuner.step(optimizer)` within an
-epoch (the count restarts at each `start_epoch`); None (default) is the paper's one draw per epoch.
-A redraw replaces the old slice tensors by the new ones in the optimizer's param groups (their
-optimizer state, e.g. momentum, is dropped with them).
+`resample_every=N` redraws the selection every N training steps within an epoch: steps 1..N of an
+epoch train its first draw, steps N+1..2N the next, and so on (the count restarts at each
+`start_epoch`; `tuner.step(optimizer)` after each `optimizer.step()` counts them, and the redraw
+happens right before the next training forward, so an epoch's end wastes no draw). A redraw replaces
+the old slice tensors by the new ones in that optimizer's param groups (their optimizer state, e.g.
+momentum, goes with them). None (default) is the paper's one draw per epoch: no `tuner.step` needed.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class Tuner:
             for p in model.parameters():
                 p.requires_grad_(self.mode == "full" or id(p) in head)
         self.selection: Selection = {}
+        self.epoch_selections: list[Selection] = []  # every draw of the current epoch (resample_every)
         self.epoch = 0  # the epoch of the last start_epoch (0: none yet)
         self.draw = 0  # draws made in this epoch (resample_every)
         self.steps = 0  # tuner.step() calls in this epoch
@@ -124,6 +127,10 @@ class Tuner:
         self._hook = None
         if self.strategy.grad_source == "running" and self.engine is not None:
             self._hook = _register_norm_hook(self)
+        self._due: tuple | None = None  # (optimizer,) when a resample_every redraw is due
+        self._forward_hook = None
+        if self.resample_every is not None and self.mode == "sparse":
+            self._forward_hook = model.register_forward_pre_hook(self._redraw_if_due)
         self.restored = False
 
     # -- budget: the one place that decides what a budget means for this model ----------------------
@@ -151,23 +158,34 @@ class Tuner:
         self._check_live()
         if isinstance(epoch, bool) or int(epoch) < 1:
             raise TradyError(f"epoch must be a whole number >= 1, got {epoch!r}")
-        self.epoch, self.draw, self.steps = int(epoch), 0, 0
+        self.epoch, self.draw, self.steps, self._due = int(epoch), 0, 0, None
+        self.epoch_selections = []
         self._redraw(grad_batches)
         return self.param_groups()
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """Count one training step; with `resample_every`, redraw after every N steps of the epoch and
-        put the new slices into `optimizer` in place of the old ones. Returns whether it redrew."""
+        """Count one training step (call it after `optimizer.step()`). With `resample_every`, after every
+        N steps of the epoch a redraw is due: it happens right before the next training forward (one
+        with gradients enabled; an evaluation does not trigger it, nor does an epoch's end: the next
+        `start_epoch` draws anyway), and puts the new slices into `optimizer` in place of the old ones.
+        Returns whether a redraw is now due."""
         self._check_live()
         self.steps += 1
-        if self.resample_every is None or self.steps % self.resample_every or self.mode != "sparse":
+        if self.resample_every is None or self.mode != "sparse" or self.steps % self.resample_every:
             return False
+        self._due = (optimizer,)
+        return True
+
+    def _redraw_if_due(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook of the model: the redraw that `step` made due, before a training forward."""
+        if self._due is None or not torch.is_grad_enabled():
+            return
+        (optimizer,), self._due = self._due, None
         old = self.engine.slice_parameters()
         self.draw += 1
         self._redraw(None)
         if optimizer is not None:
-            _swap_params(optimizer, old, self.engine.slice_parameters())
-        return True
+            swap_params(optimizer, old, self.engine.slice_parameters())
 
     def _redraw(self, grad_batches: Iterable | None) -> None:
         if self.mode != "sparse":
@@ -188,6 +206,7 @@ class Tuner:
         if self.agree is not None:
             selection = self.agree(selection)
         self.selection = self.engine.select(selection)
+        self.epoch_selections.append(self.selection)
 
     def parameters(self) -> list[torch.Tensor]:
         """Every tensor the optimizer must train now (the groups of `param_groups`, flat)."""
@@ -267,6 +286,7 @@ class Tuner:
             "epoch": self.epoch,
             "draw": self.draw,
             "steps": self.steps,
+            "due": self._due is not None,
             "selection": {k: v.clone() for k, v in self.selection.items()},
             "running_norms": {k: v.clone() for k, v in self.running_norms.items()},
             "norm_sums": {k: v.clone() for k, v in self._norm_sums.items()},
@@ -299,6 +319,8 @@ class Tuner:
         selection = state.get("selection") or {}
         if self.mode == "sparse":
             self.selection = self.engine.select(selection)
+            self.epoch_selections = [self.selection]
+        self._due = (None,) if state.get("due") else None  # drawn before the next training forward
 
     def _norms(self, values: dict | None, what: str) -> dict[str, torch.Tensor]:
         out = {}
@@ -312,9 +334,10 @@ class Tuner:
 
     def restore(self) -> nn.Module:
         """Write the trained slices into the weights, return the model to its stock classes and flags."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for handle in (self._hook, self._forward_hook):
+            if handle is not None:
+                handle.remove()
+        self._hook = self._forward_hook = None
         if self.engine is not None:
             self.engine.restore()
         else:
@@ -361,7 +384,7 @@ def _register_norm_hook(tuner: Tuner):
     return handle
 
 
-def _swap_params(optimizer: torch.optim.Optimizer, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+def swap_params(optimizer: torch.optim.Optimizer, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
     """Replace the old slice tensors by the new ones in the optimizer's param groups (their state goes).
 
     The new slices join the group that held the old ones (the "backbone" group, else the first)."""

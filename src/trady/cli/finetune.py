@@ -51,6 +51,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--train-bias", action="store_true", help="also train biases and BatchNorm shifts")
     p.add_argument("--mask-bits", type=int, choices=(1, 8), default=d.mask_bits, help="bits per ReLU mask element")
+    p.add_argument("--resample-every", type=int, metavar="N",
+                   help="redraw the selection every N steps (default: once per epoch, as the paper)")
     p.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, e.g. ratio=0.2 (repeatable)")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
