@@ -111,7 +111,7 @@ def setup(
     else:
         if resolution is None:
             raise TradyError(f"model {config.model!r} is a user model: give the input resolution of trady's "
-                             "images (--resolution), or pass train_data/test_data")  # fmt: skip
+                             "images (--resolution), or your own train_data/test_data (Python)")  # fmt: skip
         data = load_dataset(config.data, data_dir=config.data_dir, train_size=config.train_size,
                             test_size=config.test_size, seed=config.seed)  # fmt: skip
         mean, std = (spec.mean, spec.std) if spec is not None else (entry.MEAN, entry.STD)
@@ -177,7 +177,10 @@ def make_optimizer(run: Run) -> torch.optim.Optimizer:
 
 def _build_model(config: FinetuneConfig, classes: int | None) -> nn.Module:
     if entry.is_entry_point(config.model):
-        return entry.build(config.model, num_classes=classes)
+        model = entry.build(config.model, num_classes=classes)
+        if config.weights:  # a local file (weights_only / safetensors), keys checked strictly
+            models.load_into(model, models.load_state_dict_file(config.weights), source=str(config.weights))
+        return model
     return models.create(config.model, pretrained=config.pretrained, num_classes=classes, weights=config.weights,
                          mcu_dir=config.mcu_dir)  # fmt: skip
 

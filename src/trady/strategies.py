@@ -252,7 +252,8 @@ def check_budget(name: str, costs: CostTable, budget_units: int | None, spec: An
 
 def _require_profile(name: str, ctx: SelectionContext) -> RankingProfile:
     if ctx.profile is None:
-        raise TradyError(f"strategy {name!r} needs a layer-ranking profile (trady rank, or a shipped one)")
+        raise TradyError(f"strategy {name!r} needs a layer-ranking profile: trady.rank(model, batches) or "
+                         "`trady rank` (zoo models ship one)")  # fmt: skip
     # matched by layer name; RGN / LaRa re-weighted to the context's units when they differ
     # (e.g. a profile computed at another resolution)
     return ctx.profile.for_costs(ctx.costs)

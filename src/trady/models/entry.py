@@ -4,6 +4,7 @@ This RUNS THE USER'S CODE, as any Python entry point does (the file is imported 
 only at code you trust. `build_fn` is called as `build_fn(num_classes=N)` when it takes a `num_classes`
 parameter (N: the dataset's class count), else as `build_fn()`; it must return an nn.Module whose
 input is a float image batch [B, 3, R, R] normalised with MEAN / STD (ImageNet's), R = --resolution.
+`--weights FILE` then loads a local state dict into it (strict keys and shapes).
 """
 
 from __future__ import annotations
