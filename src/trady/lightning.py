@@ -18,11 +18,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning
 import torch
 
 from trady.engine import EngineConfig
 from trady.errors import TradyError
+
+try:
+    import lightning
+except ImportError:  # pragma: no cover - the extra is not installed
+    raise TradyError("trady.lightning needs PyTorch Lightning: pip install 'trady[lightning]'") from None
 from trady.ranking import RankingProfile
 from trady.tuner import Tuner, swap_params
 
