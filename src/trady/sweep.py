@@ -207,8 +207,15 @@ def validate_names(grid: SweepGrid) -> None:
         except Exception:
             continue
         for name in grid.axis(axis):
-            if name not in valid:
+            if name not in valid and not (kind == "model" and _is_builder(name)):
                 raise unknown_name(kind, name, valid)
+
+
+def _is_builder(name: str) -> bool:
+    """A user model builder (`file.py:fn`, `package.module:fn`): trady.models.entry builds it at run time."""
+    from trady.models.entry import is_entry_point
+
+    return is_entry_point(name)
 
 
 # ---------------------------------------------------------------------------------------------------

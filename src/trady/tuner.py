@@ -61,7 +61,21 @@ def draw_generator(seed: int, epoch: int, draw: int = 0) -> torch.Generator:
 
 
 class Tuner:
-    """Applies a registered strategy to any nn.Module from the user's own training loop (module doc)."""
+    """Applies a registered strategy to any nn.Module from the user's own training loop.
+
+    model: prepared in place (the module docstring says how; `restore()` undoes it).
+    example_input: one input batch; a forward on it finds the layers and their input sizes.
+    strategy: a registered name (`trady.strategies.available()`) or a Strategy with its options
+      (`strategies.get("medyate", ratio=0.3)`).
+    budget: units (27946), bytes ("256KB") or a share of full fine-tuning ("2.2%"); sparse strategies only.
+    profile: the layer ranking (`trady.rank(...)`, or a JSON path) for strategies that need one.
+    seed: the draws depend only on (seed, epoch, draw).
+    config: EngineConfig (classifier name, train_bias, mask_bits, strict, fold_bn).
+    resample_every: redraw every N training steps within an epoch (module docstring); None: per epoch.
+    grad_batches: (input, target) batches of the full-gradient pass of d-/s-det-rgn.
+    loss_fn: the loss of that pass. world_size: data-parallel processes (default: torch.distributed's);
+    agree: a function every draw goes through before the engine (data parallel: rank 0's draw).
+    """
 
     def __init__(
         self,
