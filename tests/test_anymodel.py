@@ -37,6 +37,23 @@ def profile(batches):
     return trady.rank(build(), batches, epochs=1)
 
 
+def assert_only_selected_changed(costs, selection, before: dict, after: dict, what: str = "") -> None:
+    """Between two state_dicts: every selected input channel's weights changed, nothing else did but the
+    head (layer names from `costs`; the head is `costs.classifier`); BatchNorm buffers stay frozen."""
+    model = build()
+    for lay in costs.layers:
+        old, new = before[f"{lay.name}.weight"], after[f"{lay.name}.weight"]
+        idx = torch.as_tensor(selection.get(lay.name, torch.zeros(0, dtype=torch.int64)))
+        mask = channel_mask(old, getattr(model.get_submodule(lay.name), "groups", 1), idx)
+        assert torch.equal(old[~mask], new[~mask]), f"{what}{lay.name}: a frozen channel changed"
+        if idx.numel():
+            assert not torch.equal(old[mask], new[mask]), f"{what}{lay.name}: a selected channel did not change"
+    head = costs.classifier
+    assert not torch.equal(before[f"{head}.weight"], after[f"{head}.weight"]), f"{what}the head did not change"
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed <= {f"{n}.weight" for n in selection} | {f"{head}.weight", f"{head}.bias"}, what
+
+
 def train_epoch(model, tuner, batches, epoch: int, lr: float = 0.05) -> None:
     """The user's plain loop body: what the README shows."""
     optimizer = torch.optim.SGD(tuner.start_epoch(epoch), lr=lr)
@@ -44,7 +61,7 @@ def train_epoch(model, tuner, batches, epoch: int, lr: float = 0.05) -> None:
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
-        tuner.step(optimizer)
+        tuner.step()
 
 
 def test_rank_profiles_every_layer_and_leaves_the_model_as_given(batches, profile):
@@ -79,22 +96,7 @@ def test_tuner_in_a_plain_loop_on_a_model_the_zoo_lacks(batches, profile, strate
         if previous is not None:
             assert {k: v.tolist() for k, v in selection.items()} != previous
         previous = {k: v.tolist() for k, v in selection.items()}
-        now = model.state_dict()
-        for name, module in model.named_modules():
-            if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                continue
-            old, new = weights[f"{name}.weight"], now[f"{name}.weight"]
-            if name == "head":
-                assert not torch.equal(old, new)
-                continue
-            idx = selection.get(name, torch.zeros(0, dtype=torch.int64))
-            mask = channel_mask(old, getattr(module, "groups", 1), idx)
-            assert torch.equal(old[~mask], new[~mask]), f"{name}: a frozen channel changed"
-            if idx.numel():
-                assert not torch.equal(old[mask], new[mask]), f"{name}: a selected channel did not change"
-            if module.bias is not None:
-                assert torch.equal(weights[f"{name}.bias"], now[f"{name}.bias"])
-        assert all(torch.equal(weights[n], b) for n, b in model.named_buffers())  # BatchNorm frozen
+        assert_only_selected_changed(tuner.costs, selection, weights, model.state_dict(), f"epoch {epoch}: ")
     final = {k: v.clone() for k, v in model.state_dict().items()}
     final_selection = {k: v.tolist() for k, v in tuner.selection.items()}
     tuner.restore()
@@ -122,14 +124,16 @@ def test_resample_every_redraws_within_an_epoch_and_swaps_the_optimizer(batches,
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
         assert {id(p) for p in tuner.parameters()} == in_optimizer  # the optimizer trains the current draw
         assert all(p.grad is not None for p in tuner.engine.slice_parameters())
-        optimizer.step()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer.step()  # built once at epoch 1: it trains whichever draw is current
+        assert_only_selected_changed(tuner.costs, tuner.selection, before, model.state_dict(), f"step {i}: ")
         trained.append({k: v.tolist() for k, v in tuner.selection.items()})
-        assert tuner.step(optimizer) == (i % 3 == 0)  # a redraw is due after steps 3 and 6
+        assert tuner.step() == (i % 3 == 0)  # a redraw is due after steps 3 and 6
     # steps 1-3 train draw 0, steps 4-6 draw 1, step 7 draw 2
     assert trained[0] == trained[1] == trained[2] != trained[3] == trained[4] == trained[5] != trained[6]
     assert tuner.draw == 2 and len(tuner.epoch_selections) == 3
     with torch.no_grad():
-        tuner.step(optimizer), tuner.step(optimizer)  # step 9: a redraw is due ...
+        tuner.step(), tuner.step()  # step 9: a redraw is due ...
         model(batches[0][0])  # ... but an evaluation forward does not draw
     assert tuner.draw == 2
     tuner.start_epoch(2)  # the count restarts with the epoch; its first draw is draw 0
@@ -205,18 +209,7 @@ def check_epochs(start: dict[str, torch.Tensor], kept: list[dict], budget: str) 
         assert as_lists != previous
         previous = as_lists
         after = state["model"]
-        for lay in costs.layers:  # every layer but the head
-            name = lay.name
-            old, new = before[f"{name}.weight"], after[f"{name}.weight"]
-            module = model.get_submodule(name)
-            idx = selection.get(name, torch.zeros(0, dtype=torch.int64))
-            mask = channel_mask(old, getattr(module, "groups", 1), idx)
-            assert torch.equal(old[~mask], new[~mask]), f"epoch {state['epoch']}: {name}: a frozen channel changed"
-            if idx.numel():
-                assert not torch.equal(old[mask], new[mask])
-        assert not torch.equal(before["head.weight"], after["head.weight"])
-        changed = {k for k in after if not torch.equal(before[k], after[k])}
-        assert changed <= {f"{n}.weight" for n in selection} | {"head.weight", "head.bias"}
+        assert_only_selected_changed(costs, selection, before, after, f"epoch {state['epoch']}: ")
         before = after
 
 

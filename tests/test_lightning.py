@@ -67,7 +67,7 @@ def test_callback_equals_the_plain_tuner_loop(resample_every):
     assert cb.state_dict()["tuner"]["epoch"] == 3  # what a Lightning checkpoint keeps of the draws
 
     # the plain loop with the same tuner settings on the same (plain nn.Module) model
-    model = ToyModule()
+    model = ToyModule().eval()
     tuner = trady.Tuner(model, batches[0][0][:1], budget="20%", profile=profile, seed=1, resample_every=resample_every)
     plain = []
     for epoch in (1, 2, 3):
@@ -76,7 +76,7 @@ def test_callback_equals_the_plain_tuner_loop(resample_every):
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-            tuner.step(optimizer)
+            tuner.step()
         plain.append({k: v.tolist() for k, v in tuner.selection.items()})
     tuner.restore()
     assert record.selections == plain

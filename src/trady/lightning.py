@@ -5,10 +5,10 @@
     trainer.fit(module, loader)
 
 At fit start the callback makes a `trady.Tuner` over the LightningModule (the last Conv2d/Linear
-called in its forward is the head, or `EngineConfig(classifier=...)`). At each training epoch's
-start it draws the epoch's selection and puts the selected slices into the module's optimizer (the
-one `configure_optimizers` returned, in the group that held the last ones, else the first); the
-head keeps training through the optimizer's own param groups, the frozen weights get no gradient,
+called in its forward is the head, or `EngineConfig(classifier=...)`) and adds every layer's slice
+tensor to the first param group of the optimizer that `configure_optimizers` returned (the engine
+resizes them in place at each draw). At each training epoch's start it draws the epoch's selection;
+the head keeps training through the optimizer's own param groups, the frozen weights get no gradient,
 which torch optimizers skip. With `resample_every` it redraws every N training batches. The
 tuner's state is the callback's state in Lightning checkpoints (an exact resume of the draws); at fit
 end the module gets its stock layers back, the trained values in its own weights. One optimizer only.
@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - the extra is not installed
     raise TradyError("trady.lightning needs PyTorch Lightning: pip install 'trady[lightning]'") from None
 from trady.ranking import RankingProfile
-from trady.tuner import Tuner, swap_params
+from trady.tuner import Tuner
 
 
 class TradyCallback(lightning.Callback):
@@ -58,17 +58,22 @@ class TradyCallback(lightning.Callback):
         if self._pending_state is not None:
             self.tuner.load_state_dict(self._pending_state)
             self._pending_state = None
+        # The slice tensors are no module parameters: they join the optimizer's first group once (the
+        # engine resizes them in place at each draw, so they stay valid for the whole fit).
+        optimizer = _torch_optimizer(trainer.optimizers[0])
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        slices = [p for p in self.tuner.parameters() if id(p) not in held]
+        optimizer.param_groups[0]["params"].extend(slices)
 
     def on_train_epoch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         pl_module.eval()  # Lightning sets train mode; prepared BatchNorms are frozen either way, dropout is off
-        engine = self.tuner.engine
-        old = engine.slice_parameters() if engine is not None else []  # what the optimizer holds now
         self.tuner.start_epoch(trainer.current_epoch + 1)
-        if engine is not None:
-            swap_params(_torch_optimizer(trainer.optimizers[0]), old, engine.slice_parameters())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pl_module.eval()  # Lightning may set train mode again (after validation): dropout stays off
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.tuner.step(_torch_optimizer(trainer.optimizers[0]))  # resample_every: swaps the slices itself
+        self.tuner.step()  # resample_every: the next batch trains a new draw
 
     def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if self.tuner is not None and not self.tuner.restored:

@@ -97,11 +97,10 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
         if not torch.isfinite(value):
             raise NonFiniteLoss(epoch, i + 1, steps, value=float(value))
         loss.backward()
-        params = [p for g in optimizer.param_groups for p in g["params"]]  # a resample_every redraw swaps them
         if distributed_run:
             run.comm_elements = _all_reduce_grads(params)
         optimizer.step()  # the tuner's optimizer pre-hook records MeDyate's gradient norms first
-        run.tuner.step(optimizer)  # resample_every: the next forward trains (and the optimizer holds) a new draw
+        run.tuner.step()  # resample_every: the next forward trains a new draw (same slice tensors, resized)
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)

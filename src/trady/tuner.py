@@ -7,7 +7,7 @@
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-            tuner.step(optimizer)          # only needed with resample_every
+            tuner.step()                   # only needed with resample_every
     tuner.restore()                        # the model's stock classes; trained values in its weights
 
 The tuner prepares the model (a `SparseEngine` for sparse strategies and `bias`; requires_grad flags
@@ -24,10 +24,11 @@ reads the per-channel gradient norms of the trained slices from a global optimiz
 
 `resample_every=N` redraws the selection every N training steps within an epoch: steps 1..N of an
 epoch train its first draw, steps N+1..2N the next, and so on (the count restarts at each
-`start_epoch`; `tuner.step(optimizer)` after each `optimizer.step()` counts them, and the redraw
-happens right before the next training forward, so an epoch's end wastes no draw). A redraw replaces
-the old slice tensors by the new ones in that optimizer's param groups (their optimizer state, e.g.
-momentum, goes with them). None (default) is the paper's one draw per epoch: no `tuner.step` needed.
+`start_epoch`; `tuner.step()` after each `optimizer.step()` counts them, and the redraw happens right
+before the next training forward, so an epoch's end wastes no draw). The optimizer needs no change:
+it holds every layer's slice tensor, resized in place by the engine (a layer whose channels change
+loses its optimizer state, e.g. momentum). None (default) is the paper's one draw per epoch: no
+`tuner.step` needed.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class Tuner:
         self._hook = None
         if self.strategy.grad_source == "running" and self.engine is not None:
             self._hook = _register_norm_hook(self)
-        self._due: tuple | None = None  # (optimizer,) when a resample_every redraw is due
+        self._due = False  # a resample_every redraw waits for the next training forward
         self._forward_hook = None
         if self.resample_every is not None and self.mode == "sparse":
             self._forward_hook = model.register_forward_pre_hook(self._redraw_if_due)
@@ -165,41 +166,38 @@ class Tuner:
     def start_epoch(self, epoch: int, grad_batches: Iterable | None = None) -> list[dict[str, Any]]:
         """Draw the selection of `epoch` (1-based) and return the param groups the optimizer must train.
 
-        Groups: {"name": "backbone", "params": selected slices (and biases)} and
-        {"name": "classifier", "params": the head's parameters}, empty ones left out; a list of
-        groups goes straight into any torch.optim optimizer. `grad_batches` overrides the constructor's
-        batches of the full-gradient pass (d-/s-det-rgn only)."""
+        Groups: {"name": "backbone", "params": every layer's slice tensor (empty while unselected; the
+        engine resizes them in place, so an optimizer built once stays valid) and biases when trained}
+        and {"name": "classifier", "params": the head's parameters}, empty groups left out; the list goes
+        straight into any torch.optim optimizer (rebuilding it each epoch, as the paper's SGD does, is
+        fine). `grad_batches` overrides the constructor's batches of the full-gradient pass (d-/s-det-rgn)."""
         self._check_live()
         if isinstance(epoch, bool) or int(epoch) < 1:
             raise TradyError(f"epoch must be a whole number >= 1, got {epoch!r}")
-        self.epoch, self.draw, self.steps, self._due = int(epoch), 0, 0, None
+        self.epoch, self.draw, self.steps, self._due = int(epoch), 0, 0, False
         self.epoch_selections = []
         self._redraw(grad_batches)
         return self.param_groups()
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    def step(self) -> bool:
         """Count one training step (call it after `optimizer.step()`). With `resample_every`, after every
         N steps of the epoch a redraw is due: it happens right before the next training forward (one
         with gradients enabled; an evaluation does not trigger it, nor does an epoch's end: the next
-        `start_epoch` draws anyway), and puts the new slices into `optimizer` in place of the old ones.
-        Returns whether a redraw is now due."""
+        `start_epoch` draws anyway). The optimizer stays valid: it holds every layer's slice tensor, which
+        the engine resizes in place. Returns whether a redraw is now due."""
         self._check_live()
         self.steps += 1
         if self.resample_every is None or self.mode != "sparse" or self.steps % self.resample_every:
             return False
-        self._due = (optimizer,)
+        self._due = True
         return True
 
     def _redraw_if_due(self, module: nn.Module, args: Any) -> None:
         """Forward pre-hook of the model: the redraw that `step` made due, before a training forward."""
-        if self._due is None or not torch.is_grad_enabled():
-            return
-        (optimizer,), self._due = self._due, None
-        old = self.engine.slice_parameters()
-        self.draw += 1
-        self._redraw(None)
-        if optimizer is not None:
-            swap_params(optimizer, old, self.engine.slice_parameters())
+        if self._due and torch.is_grad_enabled():
+            self._due = False
+            self.draw += 1
+            self._redraw(None)
 
     def _redraw(self, grad_batches: Iterable | None) -> None:
         if self.mode != "sparse":
@@ -300,7 +298,7 @@ class Tuner:
             "epoch": self.epoch,
             "draw": self.draw,
             "steps": self.steps,
-            "due": self._due is not None,
+            "due": self._due,
             "selection": {k: v.clone() for k, v in self.selection.items()},
             "running_norms": {k: v.clone() for k, v in self.running_norms.items()},
             "norm_sums": {k: v.clone() for k, v in self._norm_sums.items()},
@@ -334,7 +332,7 @@ class Tuner:
         if self.mode == "sparse":
             self.selection = self.engine.select(selection)
             self.epoch_selections = [self.selection]
-        self._due = (None,) if state.get("due") else None  # drawn before the next training forward
+        self._due = bool(state.get("due"))  # drawn before the next training forward
 
     def _norms(self, values: dict | None, what: str) -> dict[str, torch.Tensor]:
         out = {}
@@ -396,21 +394,3 @@ def _register_norm_hook(tuner: Tuner):
     handle = register_optimizer_step_pre_hook(hook)
     weakref.finalize(tuner, handle.remove)  # a tuner dropped without restore() leaves no hook behind
     return handle
-
-
-def swap_params(optimizer: torch.optim.Optimizer, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
-    """Replace the old slice tensors by the new ones in the optimizer's param groups (their state goes).
-
-    The new slices join the group that held the old ones (the "backbone" group, else the first)."""
-    old_ids = {id(p) for p in old}
-    target = None
-    for group in optimizer.param_groups:
-        kept = [p for p in group["params"] if id(p) not in old_ids]
-        if len(kept) != len(group["params"]) and target is None:
-            target = group
-        group["params"] = kept
-    for p in old:
-        optimizer.state.pop(p, None)
-    if target is None:
-        target = next((g for g in optimizer.param_groups if g.get("name") == "backbone"), optimizer.param_groups[0])
-    target["params"] = list(new) + target["params"]
