@@ -16,6 +16,7 @@ from fractions import Fraction
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from trady.errors import TradyError, unknown_name
 from trady.ops import pair
@@ -193,8 +194,17 @@ def bytes_per_slot(precision: str) -> int:
 
 
 def updatable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv2d and Linear modules by qualified name (the layers whose input channels can be updated)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    """Conv2d, Linear and MultiheadAttention modules by qualified name (layers whose inputs can be updated).
+
+    A MultiheadAttention stands for its input projection (`in_proj_weight`); its `out_proj`, which it
+    calls functionally, is recorded at the same call (see trace_layers).
+    """
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))}
+
+
+class _NoOpFunctionMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def trace_layers(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, nn.Module, tuple, tuple]]:
@@ -210,6 +220,12 @@ def trace_layers(model: nn.Module, example_input: torch.Tensor) -> list[tuple[st
                     f"layer {name!r} is called more than once per forward; shared weights are not supported"
                 )
             seen.add(name)
+            if isinstance(module, nn.MultiheadAttention):
+                shape = tuple(args[0].shape)
+                calls.append((name, module, shape, shape[:-1] + (3 * module.embed_dim,)))
+                calls.append((f"{name}.out_proj", module.out_proj, shape, shape))
+                seen.add(f"{name}.out_proj")
+                return
             calls.append((name, module, tuple(args[0].shape), tuple(output.shape)))
 
         return fn
@@ -218,7 +234,9 @@ def trace_layers(model: nn.Module, example_input: torch.Tensor) -> list[tuple[st
     try:
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        # Under a (no-op) torch function mode, fused inference fast paths that bypass module calls
+        # (nn.TransformerEncoderLayer's) are off, so every layer's forward hook fires.
+        with torch.no_grad(), _NoOpFunctionMode():
             model(example_input)
         model.train(was_training)
     finally:
@@ -253,12 +271,15 @@ def layer_info(name: str, module: nn.Module, in_shape: tuple, out_shape: tuple) 
             padding=pair(module.padding) if not isinstance(module.padding, str) else _same_padding(module),
             dilation=pair(module.dilation),
         )
-    tokens = int(math.prod(in_shape[1:-1])) if len(in_shape) > 2 else 1
+    # Traced with one sample: every position but the features is a token, whichever dim holds the batch
+    # (a sequence-first [L, B, F] input of nn.TransformerEncoderLayer(batch_first=False) has L tokens).
+    tokens = int(math.prod(in_shape[:-1]))
+    attn = isinstance(module, nn.MultiheadAttention)
     return LayerInfo(
         name=name,
         kind="linear",
-        in_channels=module.in_features,
-        out_channels=module.out_features,
+        in_channels=module.embed_dim if attn else module.in_features,
+        out_channels=3 * module.embed_dim if attn else module.out_features,
         kernel_size=(1, 1),
         groups=1,
         input_hw=(tokens, 1),

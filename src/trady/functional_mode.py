@@ -1,0 +1,170 @@
+"""Functional calls on the backprop path (F.silu, torch.sigmoid, x * gate, F.layer_norm, ...).
+
+Module swaps only see modules; a forward that calls `F.silu(x)` or `x * self.gate(x)` keeps what stock
+autograd keeps, unseen. While the prepared model runs a forward with grad enabled, a
+torch.overrides.TorchFunctionMode (public API) sees every torch call made by the forward code of its
+container modules (calls inside leaf modules and engine classes are theirs and pass through):
+- smooth activations -> activations.few_bit (EngineConfig.activation_bits; None: stock),
+  ReLU/ReLU6 -> the packed-mask ClampMaskFn, adaptive_avg_pool2d(x, 1) -> a mean (keeps nothing);
+- x * gate with a broadcast gate that needs a gradient (squeeze-excitation) -> lowbit.gate_mul;
+- F.layer_norm and F.scaled_dot_product_attention -> lowbit (EngineConfig.kept_precision, as the gate);
+- anything else runs stock; with strict=True, a call that keeps a tensor for backward (other than a
+  parameter or buffer) raises a one-line TradyError naming the function, the module and the tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from trady import activations, lowbit, ops
+from trady.errors import TradyError
+
+_MUL = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul, torch.mul}
+_RELU = {F.relu, torch.relu, torch.Tensor.relu}
+
+
+def _requires_grad(args, kwargs) -> bool:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in a):
+            return True
+    return False
+
+
+def _name(func) -> str:
+    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    module = getattr(func, "__module__", None) or ""
+    if "Tensor" in qual or module.startswith("torch._C"):
+        return qual if qual.startswith("Tensor") else f"torch.{qual}"
+    return f"{module}.{qual}" if module else qual
+
+
+def _arg(args, kwargs, i: int, name: str, default):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+class FunctionalCalls(TorchFunctionMode):
+    """The mode active during a prepared model's forward; `stack` holds (module name, passes through)."""
+
+    def __init__(self, activation_bits, kept_precision: str, mask_bits: int, strict: bool) -> None:
+        super().__init__()
+        self.activation_bits = activation_bits
+        self.kept_precision = kept_precision
+        self.mask_bits = mask_bits
+        self.strict = strict
+        self.stack: list[tuple[str, bool]] = []
+        self.skip: set[tuple] = set()  # storages of parameters and buffers
+        self.active = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.stack or self.stack[-1][1] or not torch.is_grad_enabled() or not _requires_grad(args, kwargs):
+            return func(*args, **kwargs)
+        out = self._route(func, args, kwargs)
+        if out is not NotImplemented:
+            return out
+        if not self.strict:
+            return func(*args, **kwargs)
+        kept: list[torch.Tensor] = []
+
+        def pack(t):
+            if _storage_key(t) not in self.skip:
+                kept.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = func(*args, **kwargs)
+        if kept:
+            t = kept[0]
+            raise TradyError(
+                f"{_name(func)} called in the forward of module {self.stack[-1][0] or '<root>'!r} keeps a "
+                f"{str(t.dtype).replace('torch.', '')} tensor of shape {list(t.shape)} for backward; handled "
+                "functional calls: smooth activations, relu, x * broadcast gate, layer_norm, "
+                "scaled_dot_product_attention, adaptive_avg_pool2d(x, 1); use a module the engine supports, "
+                "or EngineConfig(strict=False) to let stock autograd keep it"
+            )
+        return out
+
+    def _route(self, func, args, kwargs):
+        found = activations.functional_kind(func, args, kwargs)
+        if found is not None:
+            kind, x, inplace = found
+            if self.activation_bits is None:  # exact mode: stock autograd keeps what it keeps
+                return func(*args, **kwargs)
+            return activations.few_bit(x, kind, self.activation_bits, inplace)
+        if func in _RELU and not _arg(args, kwargs, 1, "inplace", False):
+            return ops.ClampMaskFn.apply(args[0], 0.0, None, self.mask_bits)
+        if func is F.relu6 and not _arg(args, kwargs, 1, "inplace", False):
+            return ops.ClampMaskFn.apply(args[0], 0.0, 6.0, self.mask_bits)
+        if func in _MUL and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
+            out = lowbit.gate_mul(args[0], args[1], self.kept_precision)
+            return NotImplemented if out is None else out
+        if func is F.adaptive_avg_pool2d and _arg(args, kwargs, 1, "output_size", None) in (1, (1, 1), [1, 1]):
+            return args[0].mean((-2, -1), keepdim=True)
+        if func is F.layer_norm:
+            x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape", None)
+            weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
+            return lowbit.layer_norm(x, shape, weight, bias, _arg(args, kwargs, 4, "eps", 1e-5), self.kept_precision)
+        if func is F.scaled_dot_product_attention and not kwargs.get("enable_gqa", False):
+            q, k, v = args[:3]
+            return lowbit.attention(
+                q, k, v, _arg(args, kwargs, 3, "attn_mask", None), _arg(args, kwargs, 4, "dropout_p", 0.0),
+                _arg(args, kwargs, 5, "is_causal", False), kwargs.get("scale"), self.kept_precision,
+            )  # fmt: skip
+        return NotImplemented
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device.type, t.untyped_storage().data_ptr())
+
+
+def install(
+    model: nn.Module, mode: FunctionalCalls, passes_through: Callable[[nn.Module], bool], sync: Callable[[], None]
+) -> list:
+    """Hooks that keep `mode.stack` and enter the mode for each forward of `model` with grad enabled.
+
+    A forward without grad (evaluation) first syncs the trained slices into the weights: fused inference
+    paths (nn.TransformerEncoderLayer's) read weights without calling the layers that would.
+    """
+    handles = []
+
+    def root_pre(module, args):
+        if not mode.stack and not mode.active:
+            if torch.is_grad_enabled():
+                mode.skip = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+                mode.__enter__()
+                mode.active = True
+            else:
+                sync()
+        mode.stack.append(("", passes_through(model)))
+
+    def root_post(module, args, output):
+        # Also after an exception (always_call): the outermost call clears the stack and leaves the mode.
+        if mode.stack and mode.stack[0][0] == "" and len(mode.stack) > 1:
+            del mode.stack[1:]
+        if mode.stack:
+            mode.stack.pop()
+        if not mode.stack and mode.active:
+            mode.active = False
+            mode.__exit__(None, None, None)
+
+    handles.append(model.register_forward_pre_hook(root_pre))
+    handles.append(model.register_forward_hook(root_post, always_call=True))
+    for name, m in model.named_modules():
+        if m is model:
+            continue
+        entry = (name, passes_through(m))
+
+        def pop(module, args, output, e=entry) -> None:
+            if mode.stack and mode.stack[-1] is e:  # not pushed when an earlier pre-hook raised
+                mode.stack.pop()
+
+        handles.append(m.register_forward_pre_hook(lambda mod, a, e=entry: mode.stack.append(e)))
+        handles.append(m.register_forward_hook(pop, always_call=True))
+    return handles
