@@ -72,6 +72,11 @@ def _channel_mask(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def _weight_key(module: nn.Module, name: str) -> str:
+    """State-dict key of a layer's weight (a MultiheadAttention's layer is its input projection)."""
+    return f"{name}.in_proj_weight" if isinstance(module, nn.MultiheadAttention) else f"{name}.weight"
+
+
 def _expected_slice_grad(module: nn.Module, dense_grad: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The dense gradient at the slice, in the documented slice layout.
 
@@ -105,17 +110,23 @@ def _leaf_order(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, bool
     """(leaf module name, output requires grad) in call order, for one forward with grad enabled."""
     calls: list[tuple[str, bool]] = []
     handles = []
+    order: list[str] = []  # by call start: a MultiheadAttention comes before its out_proj
+
+    def record(mod, args, out, name):
+        out = out[0] if isinstance(out, tuple) else out  # MultiheadAttention: (output, weights)
+        calls.append((name, bool(out.requires_grad)))
+
     for name, m in model.named_modules():
-        if next(m.children(), None) is None and name:
-            handles.append(
-                m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, bool(out.requires_grad))))
-            )
+        if name and (next(m.children(), None) is None or isinstance(m, nn.MultiheadAttention)):
+            handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name)))
+            handles.append(m.register_forward_hook(lambda mod, args, out, name=name: record(mod, args, out, name)))
     try:
         out = model(x)
     finally:
         for h in handles:
             h.remove()
-    return calls, out
+    grad = dict(calls)
+    return [(n, grad[n]) for n in order], out
 
 
 def _random_selection(engine: SparseEngine, layers: list[str], seed: int, full: str | None = None) -> dict:
@@ -158,7 +169,7 @@ def _check_round(model, engine, dense_model, x, selection, stock_model) -> None:
         grad = module.trady.w_slice.grad
         info = engine.costs.by_name[name]
         assert grad.numel() == len(idx) * info.weight_units_per_channel, f"{name}: slice gradient is not slice-sized"
-        expected = _expected_slice_grad(module, dense_grads[f"{name}.weight"], idx)
+        expected = _expected_slice_grad(module, dense_grads[_weight_key(module, name)], idx)
         _close(grad, expected, f"slice gradient of {name}")
     # (c) classifier, (e) no gradient of any other model parameter (nothing full-size for partial layers)
     cls = engine.classifier_name
@@ -177,7 +188,7 @@ def _check_round(model, engine, dense_model, x, selection, stock_model) -> None:
     engine.sync()
     after = model.state_dict()
     assert list(after) == list(stock_model.state_dict()), "state_dict keys changed"
-    updated = {f"{n}.weight": _channel_mask(engine.layers[n], idx) for n, idx in canonical.items()}
+    updated = {_weight_key(engine.layers[n], n): _channel_mask(engine.layers[n], idx) for n, idx in canonical.items()}
     for key, value in after.items():
         old = before[key]
         if key.startswith(cls + "."):
@@ -346,10 +357,63 @@ def inplace_relu6_after_bn():
     return _stem_then(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU6(inplace=True))
 
 
+def smooth_activations():
+    acts = [nn.SiLU(), nn.GELU(approximate="tanh"), nn.Hardswish(), nn.Sigmoid(), nn.Hardsigmoid(), nn.Tanh(),
+            nn.Mish(), nn.LeakyReLU(0.2), nn.ELU(0.7), nn.GELU()]  # fmt: skip
+    body = []
+    for act in acts:
+        body += [nn.Conv2d(8, 8, 3, padding=1), act]
+    return _stem_then(*body)
+
+
+def silu_se_blocks():
+    """EfficientNet's MBConv: SiLU, squeeze-excitation with module gates, residual."""
+    from trady.models.modern import MBConv
+
+    return _stem_then(MBConv(8, 8, 3, 1, 2, 0.25, nn.SiLU), MBConv(8, 12, 5, 2, 2, 0.25, nn.SiLU))
+
+
+def hardswish_functional_se():
+    """MobileNetV3's block with the SE written as functional calls (F.relu, F.hardsigmoid, x * gate)."""
+    from trady.models.modern import MBConv
+
+    return _stem_then(MBConv(8, 8, 3, 1, 2, 0.25, nn.Hardswish, functional_se=True))
+
+
+def convnext_blocks():
+    """7x7 depthwise, LayerNorm on NHWC tokens, Linear-GELU-Linear, layer scale; LayerNorm2d downsampling."""
+    from trady.models.modern import ConvNeXtBlock, LayerNorm2d
+
+    return _stem_then(ConvNeXtBlock(8, 0.5), LayerNorm2d(8), nn.Conv2d(8, 12, 2, stride=2), ConvNeXtBlock(12, 0.5))
+
+
+class TinyTransformer(nn.Module):
+    """Tokens -> Linear -> TransformerEncoderLayer (batch first, pre-norm) -> one (sequence first) -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(10, 16)
+        self.block1 = nn.TransformerEncoderLayer(16, 2, 32, 0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.block2 = nn.TransformerEncoderLayer(16, 4, 24, 0.0, batch_first=False)
+        self.norm = nn.LayerNorm(16)
+        self.classifier = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.block1(self.embed(x))
+        x = self.block2(x.transpose(0, 1)).transpose(0, 1)
+        return self.classifier(self.norm(x).mean(1))
+
+
+# Modern cases run in the exact mode (stock-equivalent keeping, gradients to fp32 rounding); the few-bit
+# default is checked against dense autograd by cosine in tests/test_modern.py.
+EXACT = EngineConfig(activation_bits=None, kept_precision="fp32")
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], nn.Module]
     input_shape: tuple[int, ...] = (BATCH, 4, 11, 14)  # non-square: catches H/W mix-ups
+    config: EngineConfig | None = None
 
 
 CASES = [
@@ -373,6 +437,11 @@ CASES = [
     Case(linear_3d, (BATCH, 7, 10)),
     Case(inplace_relu_residual),
     Case(inplace_relu6_after_bn),
+    Case(smooth_activations, config=EXACT),
+    Case(silu_se_blocks, config=EXACT),
+    Case(hardswish_functional_se, config=EXACT),
+    Case(convnext_blocks, (BATCH, 4, 12, 14), config=EXACT),
+    Case(TinyTransformer, (BATCH, 7, 10), config=EXACT),
 ]
 
 
@@ -392,7 +461,7 @@ def test_engine_matches_dense_autograd(case: Case) -> None:
     classes = {n: type(m) for n, m in model.named_modules()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
 
-    engine = SparseEngine(model, x)
+    engine = SparseEngine(model, x, case.config)
     layers = engine.costs.names
     assert layers, "the case has no updatable layer below the classifier"
     costs = engine.costs
@@ -811,11 +880,10 @@ def _with_module(mid: nn.Module) -> nn.Sequential:
     )  # fmt: skip
 
 
-UNSUPPORTED = {
-    "SiLU": lambda: nn.SiLU(),
-    "GELU": lambda: nn.GELU(),
-    "LayerNorm": lambda: nn.LayerNorm([8, 6, 6]),
-    "LeakyReLU": lambda: nn.LeakyReLU(0.1),
+UNSUPPORTED = {  # (SiLU, GELU, LeakyReLU, LayerNorm, ...: supported, tests/test_modern.py)
+    "Softplus": lambda: nn.Softplus(),
+    "PReLU": lambda: nn.PReLU(),
+    "SELU": lambda: nn.SELU(),
     "AdaptiveAvgPool2d": lambda: nn.AdaptiveAvgPool2d(3),
 }
 
@@ -1037,31 +1105,39 @@ class ConvAttention(nn.Module):
         return self.classifier(t.mean(1))
 
 
-def test_strict_guards_modules_with_children() -> None:
-    """nn.MultiheadAttention has a child (out_proj) but computes in its own forward: guarded."""
+def test_multihead_attention_is_a_layer_and_a_subclass_with_its_own_forward_is_refused() -> None:
+    """nn.MultiheadAttention computes in its own forward (its out_proj is never called): the engine runs its
+    own version (in_proj and out_proj channel-sparse); a subclass with its own forward cannot be run so."""
     torch.manual_seed(0)
     model, x = ConvAttention().eval(), torch.randn(2, 3, 5, 5)
     stock = copy.deepcopy(model)
-    engine = SparseEngine(model, x)
-    with pytest.raises(TradyError, match=r"'attn' \(MultiheadAttention\).*supported kinds"):
-        engine.select({"conv0": [1, 2]})
-    engine.restore()
-    engine = SparseEngine(model, x, EngineConfig(strict=False))  # stock autograd runs it: still exact
-    engine.select({"conv0": [1, 2]})
+    engine = SparseEngine(model, x, EXACT)
+    engine.select({"conv0": [1, 2], "attn": [0, 3], "attn.out_proj": [5]})
     _loss(model(x)).backward()
     _, dense_grads = _dense_reference(stock, x)
     _close(engine.layers["conv0"].trady.w_slice.grad, dense_grads["conv0.weight"][:, [1, 2]], "slice gradient")
+    _close(engine.layers["attn"].trady.w_slice.grad, dense_grads["attn.in_proj_weight"][:, [0, 3]], "in_proj slice")
+    _close(engine.layers["attn.out_proj"].trady.w_slice.grad, dense_grads["attn.out_proj.weight"][:, [5]], "out_proj")
+    engine.restore()
+
+    class OwnForward(nn.MultiheadAttention):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model.attn.__class__ = OwnForward
+    with pytest.raises(TradyError, match=r"layer 'attn' is a OwnForward with its own forward"):
+        SparseEngine(model, x)
 
 
 class TwoUnsupported(nn.Module):
-    """GELU and SiLU on the backprop path, only for inputs wider than 6 px."""
+    """Softplus and SELU on the backprop path, only for inputs wider than 6 px."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
-        self.gelu = nn.GELU()
+        self.gelu = nn.Softplus()
         self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
-        self.silu = nn.SiLU()
+        self.silu = nn.SELU()
         self.classifier = nn.Linear(8, 4)
 
     def forward(self, x):
@@ -1078,14 +1154,14 @@ def test_strict_error_names_every_offender_once() -> None:
     with pytest.raises(TradyError) as err:  # at select time, from the example
         engine.select({"conv0": [0]})
     msg = str(err.value)
-    assert msg.count("'gelu' (GELU)") == 1 and msg.count("'silu' (SiLU)") == 1 and "\n" not in msg
+    assert msg.count("'gelu' (Softplus)") == 1 and msg.count("'silu' (SELU)") == 1 and "\n" not in msg
     engine.restore()
     engine = SparseEngine(model, torch.randn(1, 3, 6, 6))  # the example meets neither
     engine.select({"conv0": [1]})
     with pytest.raises(TradyError) as err:  # a wider input meets both: named at the end of the forward
         model(torch.randn(2, 3, 8, 8))
     msg = str(err.value)
-    assert msg.count("'gelu' (GELU)") == 1 and msg.count("'silu' (SiLU)") == 1
+    assert msg.count("'gelu' (Softplus)") == 1 and msg.count("'silu' (SELU)") == 1
     _loss(model(torch.randn(2, 3, 6, 6))).backward()  # the engine still trains after the error
 
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from trady import lowbit, ops
-from trady.engine import LayerState, _no_autocast, _write_slice
 from trady.errors import TradyError
+from trady.sparse_modules import LayerState, current_slice, no_autocast
 
 
 def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -41,15 +41,13 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):  # fmt: skip
         st = self.trady
-        _write_slice(self, st)
-        trains = st.w_slice is not None or getattr(getattr(self.out_proj, "trady", None), "w_slice", None) is not None
-        trains = trains or any(p.requires_grad for p in self.parameters())
+        w_slice = current_slice(self)
+        out_slice = current_slice(self.out_proj) if hasattr(self.out_proj, "trady") else None
+        trains = w_slice is not None or out_slice is not None or any(p.requires_grad for p in self.parameters())
         if not torch.is_grad_enabled() or not (query.requires_grad or trains):
-            if hasattr(self.out_proj, "trady"):  # stock reads out_proj.weight without calling out_proj
-                _write_slice(self.out_proj, self.out_proj.trady)
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)  # fmt: skip
-        _no_autocast(query)
+        no_autocast(query)
         if not (query is key and key is value) or not self._qkv_same_embed_dim:
             raise TradyError(
                 f"MultiheadAttention {st.name!r} on the backprop path: only self-attention (query is key is "
@@ -64,7 +62,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         b, n, e = x.shape
         h = self.num_heads
         qkv = ops.ChannelSparseLinearFn.apply(
-            x, self.in_proj_weight.detach(), self.in_proj_bias, st.w_slice, st.idx, st.on_saved
+            x, self.in_proj_weight.detach(), self.in_proj_bias, w_slice, st.idx, st.on_saved
         )
         q, k, v = (t.reshape(b, n, h, e // h).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
         mask = _additive_mask(attn_mask, x.dtype)

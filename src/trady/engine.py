@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trady import ops, slices
+from trady import modern, ops, slices
 from trady import sparse_modules as sm
 from trady.costs import PRECISION_OF_DTYPE, CostTable, Selection, analyze
 from trady.errors import TradyError
@@ -44,18 +44,16 @@ def _is_stock_allowed(module: nn.Module) -> bool:
 
 
 def _computes_itself(module: nn.Module) -> bool:
-    """Whether the module's own forward computes (so the guard must see it): every leaf, and every PyTorch
-    module with children other than nn.Sequential (nn.MultiheadAttention computes with its out_proj's
-    weight, never calling it). A user-defined container's own code (a residual add, F.* calls) is not seen."""
-    if next(module.children(), None) is None:
-        return True
-    cls = type(module)
-    return cls.__module__.startswith("torch.") and cls.forward not in (nn.Sequential.forward, nn.Module.forward)
+    """Whether the guard must see the module: a leaf whose calls the functional-call mode does not check
+    (trady.modern: the mode checks the forward code of every module with children, PyTorch's own such as
+    nn.TransformerEncoderLayer included, and of subclasses of supported kinds such as timm's LayerNorm2d)."""
+    return next(module.children(), None) is None and not modern.checked_by_mode(module)
 
 
 SUPPORTED_KINDS = (
     "Conv2d (any groups/stride/dilation/padding), Linear, BatchNorm2d (frozen), ReLU, ReLU6, Hardtanh, "
-    "AdaptiveAvgPool2d(1), AvgPool2d, MaxPool2d, Identity, Dropout, Flatten, ZeroPad2d, ConstantPad2d, Unflatten"
+    "AdaptiveAvgPool2d(1), AvgPool2d, MaxPool2d, Identity, Dropout, Flatten, ZeroPad2d, ConstantPad2d, Unflatten, "
+    + modern.SUPPORTED_KINDS
 )
 
 # The handled module kinds: stock class -> the engine class it becomes (nn.AdaptiveAvgPool2d(1) is
@@ -70,6 +68,7 @@ SWAPS: dict[type, type] = {
     nn.ReLU6: sm.MaskedReLU6,
     nn.Hardtanh: sm.MaskedHardtanh,
     nn.Dropout: sm.MaskedDropout,
+    **modern.SWAPS,  # smooth activations, LayerNorm, MultiheadAttention
 }
 
 
@@ -87,6 +86,8 @@ class EngineConfig:
     # forward): the conv scales its weight per output channel, the BatchNorm becomes the identity, so
     # neither forward nor backward makes a separate pass over the activation. Gradients are unchanged.
     fold_bn: bool = True
+    activation_bits: int | None = 4  # smooth activations' derivative code: 1..4 bits; None: exact (activations.py)
+    kept_precision: str = "int8"  # SE, LayerNorm, attention inputs: "int8" or "fp32", exact (lowbit.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +251,7 @@ class SparseEngine:
                     module.trady_bits = cfg.mask_bits
                 if isinstance(module, nn.BatchNorm2d):
                     module.trady_notice = self._bn_notice
+                modern.configure(name, module, cfg)
                 if cfg.train_bias and isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
                     if module.bias is not None:
                         module.bias.requires_grad_(True)
@@ -273,6 +275,7 @@ class SparseEngine:
         self._hooks.append(model.register_state_dict_pre_hook(sync_first))
         self._hooks.append(model.register_load_state_dict_pre_hook(sync_first))
         self._hooks.append(model.register_load_state_dict_post_hook(reread_slices))
+        self._hooks += modern.install(self)  # functional calls (F.silu, x * gate, ...) in the forward code
         if self._guarded:
             self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._enter_forward()))
             self._hooks.append(model.register_forward_hook(lambda m, a, out: self._leave_forward()))
@@ -328,7 +331,7 @@ class SparseEngine:
             if base is None:
                 return None
             if type(module).forward is not base.forward:
-                if isinstance(module, (nn.Conv2d, nn.Linear)) and name in self.costs.by_name:
+                if isinstance(module, (nn.Conv2d, nn.Linear, nn.MultiheadAttention)) and name in self.costs.by_name:
                     raise TradyError(
                         f"layer {name!r} is a {type(module).__name__} with its own forward, which the engine "
                         f"cannot run channel-sparse; supported kinds: {SUPPORTED_KINDS}"

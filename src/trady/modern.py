@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from trady import activations, functional_mode, lowbit
+from trady import activations, functional_mode, lowbit, slices
 from trady.attention import SparseMultiheadAttention
-from trady.engine import LayerState, SparseEngine
+from trady.sparse_modules import LayerState
 
 SWAPS: dict[type, type] = {
     **activations.SWAPS,
@@ -20,7 +20,10 @@ SWAPS: dict[type, type] = {
     nn.MultiheadAttention: SparseMultiheadAttention,
 }
 CLASSES = frozenset(SWAPS.values())
-MODULE_ATTRS = ("trady_bits", "trady_mode")  # set here, removed by SparseEngine.restore()
+SUPPORTED_KINDS = (
+    "SiLU, GELU, Hardswish, Sigmoid, Hardsigmoid, Tanh, Mish, LeakyReLU, ELU, LayerNorm, MultiheadAttention "
+    "(self-attention)"
+)
 
 
 def check_config(config) -> None:
@@ -29,30 +32,31 @@ def check_config(config) -> None:
 
 
 def configure(name: str, module: nn.Module, config) -> None:
-    """Settings of one swapped module."""
+    """Settings of one swapped module (`trady*` attributes: SparseEngine.restore() removes them)."""
     if isinstance(module, activations.FewBitActivation):
         module.trady_bits = config.activation_bits
     if isinstance(module, (lowbit.LowBitLayerNorm, SparseMultiheadAttention)):
         module.trady_mode = config.kept_precision
     if isinstance(module, SparseMultiheadAttention):
-        module.trady = LayerState(name)
+        module.trady = LayerState(name, w_slice=slices.empty_slot(module))
 
 
 def checked_by_mode(module: nn.Module) -> bool:
-    """A subclass of a supported kind with its own forward (timm's LayerNorm2d, ...): not swapped, its
-    functional calls go through the functional-call mode, which handles them or raises (strict)."""
-    return type(module) not in CLASSES and isinstance(module, tuple(SWAPS)) and next(module.children(), None) is None
+    """Whether the functional-call mode checks this module's own calls (handles them or, strict, raises):
+    a leaf subclass of a supported kind with its own forward (timm's LayerNorm2d, ...); the forward code
+    of modules with children (nn.TransformerEncoderLayer, a user's block) is always checked."""
+    if next(module.children(), None) is not None:
+        return type(module) not in CLASSES
+    return type(module) not in CLASSES and isinstance(module, tuple(SWAPS))
 
 
-def install(engine: SparseEngine) -> list:
-    """Hooks for functional calls in the forward code of the model's containers (handles to remove)."""
+def install(engine) -> list:
+    """Checks the config; hooks for functional calls in the forward code of the model (handles to remove)."""
     cfg = engine.config
+    check_config(cfg)
     mode = functional_mode.FunctionalCalls(cfg.activation_bits, cfg.kept_precision, cfg.mask_bits, cfg.strict)
-    engine_classes = engine.engine_classes()
 
-    def passes_through(m: nn.Module) -> bool:
-        if checked_by_mode(m):
-            return False
-        return next(m.children(), None) is None or type(m) in engine_classes
+    def passes_through(m: nn.Module) -> bool:  # engine classes and guarded leaves: their calls are theirs
+        return type(m) in CLASSES or (next(m.children(), None) is None and not checked_by_mode(m))
 
     return functional_mode.install(engine.model, mode, passes_through, engine.sync)
