@@ -145,7 +145,7 @@ def test_functional_call_that_keeps_a_tensor_is_named_or_runs_stock() -> None:
     dense = copy.deepcopy(model)
     engine = SparseEngine(model, x)
     engine.select({"conv": [1]})
-    with pytest.raises(TradyError, match=r"softmax called in the forward of module '<root>' keeps a float32 tensor"):
+    with pytest.raises(TradyError, match=r"backward: torch.softmax in module '<root>' \(keeps float32 \[2, 8, 9, 9\]"):
         model(x)
     with torch.no_grad():
         model(x)  # evaluation: nothing is kept, nothing to report
@@ -161,6 +161,17 @@ def test_functional_call_that_keeps_a_tensor_is_named_or_runs_stock() -> None:
     dense(x).square().sum().backward()
     got, expected = engine.layers["conv"].trady.w_slice.grad, dense.conv.weight.grad[:, [1]]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_every_offending_call_is_named_once_at_the_end_of_the_forward() -> None:
+    model = Functional(lambda t: torch.softmax(t, 1) * t + torch.softmax(t, 1) * t)
+    x = torch.randn(1, 3, 5, 5)
+    engine = SparseEngine(model, x)
+    engine.select({"conv": [0]})
+    with pytest.raises(TradyError) as err:
+        model(x)
+    msg = str(err.value)
+    assert msg.count("torch.softmax in module '<root>'") == 1 and msg.count("Tensor.mul in module '<root>'") == 1
 
 
 def test_the_mode_is_left_after_an_error() -> None:

@@ -8,8 +8,9 @@ container modules (calls inside leaf modules and engine classes are theirs and p
   ReLU/ReLU6 -> the packed-mask ClampMaskFn, adaptive_avg_pool2d(x, 1) -> a mean (keeps nothing);
 - x * gate with a broadcast gate that needs a gradient (squeeze-excitation) -> lowbit.gate_mul;
 - F.layer_norm and F.scaled_dot_product_attention -> lowbit (EngineConfig.kept_precision, as the gate);
-- anything else runs stock; with strict=True, a call that keeps a tensor for backward (other than a
-  parameter or buffer) raises a one-line TradyError naming the function, the module and the tensor.
+- anything else runs stock; with strict=True, calls that keep a tensor for backward (other than a
+  parameter or buffer) raise one TradyError at the end of the forward naming each function, its module
+  and the tensor.
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ def _requires_grad(args, kwargs) -> bool:
 
 
 def _name(func) -> str:
-    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    """torch.softmax, Tensor.mul, F.gelu, or module.qualname for anything else."""
+    name = getattr(func, "__name__", repr(func))
+    qual = getattr(func, "__qualname__", name)
     module = getattr(func, "__module__", None) or ""
-    if "Tensor" in qual or module.startswith("torch._C"):
-        return qual if qual.startswith("Tensor") else f"torch.{qual}"
+    if qual.startswith(("TensorBase.", "Tensor.")):
+        return f"Tensor.{name}"
+    if module == "torch.nn.functional" or module.startswith("torch._C._nn"):
+        return f"F.{name}"
+    if module.startswith("torch") or qual.startswith("_VariableFunctions"):
+        return f"torch.{name}"
     return f"{module}.{qual}" if module else qual
 
 
@@ -61,6 +68,7 @@ class FunctionalCalls(TorchFunctionMode):
         self.stack: list[tuple[str, bool]] = []
         self.skip: set[tuple] = set()  # storages of parameters and buffers
         self.active = False
+        self.offenders: dict[str, str] = {}  # strict: "function in module" -> what it keeps, this forward
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -80,16 +88,21 @@ class FunctionalCalls(TorchFunctionMode):
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = func(*args, **kwargs)
-        if kept:
-            t = kept[0]
-            raise TradyError(
-                f"{_name(func)} called in the forward of module {self.stack[-1][0] or '<root>'!r} keeps a "
-                f"{str(t.dtype).replace('torch.', '')} tensor of shape {list(t.shape)} for backward; handled "
-                "functional calls: smooth activations, relu, x * broadcast gate, layer_norm, "
-                "scaled_dot_product_attention, adaptive_avg_pool2d(x, 1); use a module the engine supports, "
-                "or EngineConfig(strict=False) to let stock autograd keep it"
-            )
+        if kept:  # named, with every other one, at the end of the forward (raise_offenders)
+            where = f"{_name(func)} in module {self.stack[-1][0] or '<root>'!r}"
+            self.offenders.setdefault(where, f"{str(kept[0].dtype).replace('torch.', '')} {list(kept[0].shape)}")
         return out
+
+    def raise_offenders(self) -> None:
+        if not self.offenders:
+            return
+        calls = ", ".join(f"{where} (keeps {what})" for where, what in self.offenders.items())
+        self.offenders.clear()
+        raise TradyError(
+            f"functional call(s) on the backprop path keep tensors for backward: {calls}; handled: smooth "
+            "activations, relu, x * broadcast gate, layer_norm, scaled_dot_product_attention, "
+            "adaptive_avg_pool2d(x, 1) (or EngineConfig(strict=False) to let stock autograd keep them)"
+        )
 
     def _route(self, func, args, kwargs):
         found = activations.functional_kind(func, args, kwargs)
@@ -137,6 +150,7 @@ def install(
     def root_pre(module, args):
         if not mode.stack and not mode.active:
             if torch.is_grad_enabled():
+                mode.offenders.clear()
                 mode.skip = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
                 mode.__enter__()
                 mode.active = True
@@ -153,6 +167,7 @@ def install(
         if not mode.stack and mode.active:
             mode.active = False
             mode.__exit__(None, None, None)
+            mode.raise_offenders()
 
     handles.append(model.register_forward_pre_hook(root_pre))
     handles.append(model.register_forward_hook(root_post, always_call=True))
