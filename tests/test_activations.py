@@ -107,3 +107,12 @@ def test_non_default_parameters_fit_on_first_use() -> None:
     assert t.levels[-1] == pytest.approx(1.0, abs=0.05) and t.levels[0] < 0.5 * 1.0
     with pytest.raises(TradyError, match="activation_bits must be one of"):
         A.table(A.SILU, 5)
+
+
+def test_fit_on_samples_and_relative_error() -> None:
+    t = A.table(A.GELU, 3)
+    assert A.relative_error(A.GELU, t) == pytest.approx(t.rms_error / t.rms_derivative, rel=1e-9)
+    narrow = 0.4 * torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    own = A.fit_table(A.GELU, 3, samples=narrow)
+    # a table fitted on the values themselves beats the N(0, 1) table on them
+    assert own.rms_error / own.rms_derivative < A.relative_error(A.GELU, t, narrow)

@@ -148,9 +148,9 @@ def _quadrature(n: int = 400_001, span: float = 10.0) -> tuple[torch.Tensor, tor
     return x, w / w.sum()
 
 
-def fit_table(kind: ActivationKind, bits: int, iterations: int = 500) -> Table:
-    """Lloyd-Max quantiser of d = f'(X), X ~ N(0, 1), with 2 ** bits levels (deterministic)."""
-    x, w = _quadrature()
+def fit_table(kind: ActivationKind, bits: int, iterations: int = 500, samples: torch.Tensor | None = None) -> Table:
+    """Lloyd-Max quantiser of d = f'(X), X ~ N(0, 1) (or X uniform over `samples`), with 2 ** bits levels."""
+    x, w = _quadrature() if samples is None else _empirical(samples)
     d = kind.derivative(x)
     if kind.two_values is not None:
         lo, hi = kind.two_values
@@ -193,6 +193,19 @@ def fit_table(kind: ActivationKind, bits: int, iterations: int = 500) -> Table:
         rms_error=math.sqrt(err),
         rms_derivative=math.sqrt(float((w * d * d).sum())),
     )
+
+
+def _empirical(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = samples.detach().flatten().double()
+    return x, torch.full_like(x, 1.0 / x.numel())
+
+
+def relative_error(kind: ActivationKind, table_: Table, samples: torch.Tensor | None = None) -> float:
+    """rms(f'(X) - q(f'(X))) / rms(f'(X)) of a table, X ~ N(0, 1) or uniform over `samples`."""
+    x, w = _quadrature() if samples is None else _empirical(samples)
+    d = kind.derivative(x)
+    levels = torch.tensor(table_.levels, dtype=torch.float64)
+    return math.sqrt(_mse(d, w, torch.tensor(table_.borders, dtype=torch.float64), levels) / float((w * d * d).sum()))
 
 
 def _mse(d: torch.Tensor, w: torch.Tensor, borders: torch.Tensor, levels: torch.Tensor) -> float:
