@@ -312,3 +312,40 @@ def test_hardswish_se_block_keeps_codes() -> None:
     # (sample, channel)), its functional relu a 1-bit mask of [2, 8] (2 bytes), its hardsigmoid exact
     # with 1 bit on [2, 16] (4 bytes)
     assert kept["uint8"] == 2 * 4 * n // 8 + n + 2 + 4
+
+
+def _vit_grads(config: EngineConfig, dropout: float, seed: int = 3):
+    torch.manual_seed(0)
+    model = SMALL["vit_like"][0]()
+    for block in model.blocks:  # dropout everywhere in the encoder layers, attention included
+        for m in block.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = dropout
+        block.self_attn.dropout = dropout
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    engine = SparseEngine(model, x, config)
+    engine.select({"patch_embed": [0, 2], "blocks.1.linear1": [3, 4]})
+    model.train()
+    torch.manual_seed(seed)
+    saved, budget = engine.measure_saved(lambda: model(x).square().sum())
+    saved.loss.backward()
+    return {n: m.trady.w_slice.grad.clone() for n, m in engine.layers.items() if m.trady.idx is not None}, saved, budget
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_recompute_keeps_block_inputs_only_with_the_same_gradients(dropout: float) -> None:
+    blocks = ("blocks.0", "blocks.1")
+    for base in (EngineConfig(), EngineConfig(activation_bits=None, kept_precision="fp32")):
+        plain, saved, budget = _vit_grads(base, dropout)
+        again, saved_r, budget_r = _vit_grads(EngineConfig(**{**vars(base), "recompute": blocks}), dropout)
+        for n in plain:  # dropout replayed in the recomputation: the same draws, the same gradients
+            torch.testing.assert_close(again[n], plain[n], rtol=1e-5, atol=1e-7)
+        assert saved_r.total < 0.6 * saved.total, (saved_r.total, saved.total)
+        assert budget_r < budget  # blocks.1.linear1's input slice is recomputed, not kept
+
+
+def test_recompute_names_must_exist() -> None:
+    model, x = SMALL["vit_like"][0](), torch.randn(1, 3, 32, 32)
+    with pytest.raises(TradyError, match="unknown module to recompute 'blocks.7'"):
+        SparseEngine(model, x, EngineConfig(recompute=("blocks.7",)))
+    assert "forward" not in vars(model.blocks[0])

@@ -44,16 +44,21 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         w_slice = current_slice(self)
         out_slice = current_slice(self.out_proj) if hasattr(self.out_proj, "trady") else None
         trains = w_slice is not None or out_slice is not None or any(p.requires_grad for p in self.parameters())
-        if not torch.is_grad_enabled() or not (query.requires_grad or trains):
+        on_path = torch.is_grad_enabled() and (query.requires_grad or trains)
+        self_attention = query is key and key is value and self._qkv_same_embed_dim
+        supported = self_attention and self.bias_k is None and not self.add_zero_attn and not need_weights
+        # Off the path, training mode still takes this path where it can: dropout draws the same random
+        # numbers as on it (activation checkpointing recomputes a no-grad forward with grad).
+        if not on_path and not (self.training and self.dropout > 0 and supported):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)  # fmt: skip
         no_autocast(query)
-        if not (query is key and key is value) or not self._qkv_same_embed_dim:
+        if not self_attention:
             raise TradyError(
                 f"MultiheadAttention {st.name!r} on the backprop path: only self-attention (query is key is "
                 "value) with one in_proj_weight is supported"
             )
-        if self.bias_k is not None or self.add_zero_attn or need_weights:
+        if not supported:
             raise TradyError(
                 f"MultiheadAttention {st.name!r} on the backprop path: accepted need_weights=False, "
                 "add_bias_kv=False, add_zero_attn=False"

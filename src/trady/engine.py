@@ -88,6 +88,7 @@ class EngineConfig:
     fold_bn: bool = True
     activation_bits: int | None = 4  # smooth activations' derivative code: 1..4 bits; None: exact (activations.py)
     kept_precision: str = "int8"  # SE, LayerNorm, attention inputs: "int8" or "fp32", exact (lowbit.py)
+    recompute: tuple[str, ...] = ()  # modules run under activation checkpointing: keep their inputs only
 
 
 # ---------------------------------------------------------------------------------------------

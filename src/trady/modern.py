@@ -3,15 +3,21 @@
 - SWAPS: smooth activations -> activations.FewBit* (few-bit derivative), nn.LayerNorm ->
   lowbit.LowBitLayerNorm, nn.MultiheadAttention -> attention.SparseMultiheadAttention;
 - configure(): per-module settings from the EngineConfig (bits, norm/attention mode, layer state);
-- install(): the functional-call mode (functional_mode) active during the prepared model's forward.
+- install(): the functional-call mode (functional_mode) active during the prepared model's forward, and
+  activation checkpointing of the modules named in EngineConfig.recompute.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trady import activations, functional_mode, lowbit, slices
 from trady.attention import SparseMultiheadAttention
+from trady.errors import TradyError, unknown_name
 from trady.sparse_modules import LayerState
 
 SWAPS: dict[type, type] = {
@@ -59,4 +65,51 @@ def install(engine) -> list:
     def passes_through(m: nn.Module) -> bool:  # engine classes and guarded leaves: their calls are theirs
         return type(m) in CLASSES or (next(m.children(), None) is None and not checked_by_mode(m))
 
-    return functional_mode.install(engine.model, mode, passes_through, engine.sync)
+    handles = functional_mode.install(engine.model, mode, passes_through, engine.sync)
+    return handles + [_Recompute(engine.model, name, mode) for name in cfg.recompute]
+
+
+class _Recompute:
+    """Runs a module's forward under torch.utils.checkpoint (reentrant: its inputs go through
+    save_for_backward, so the engine's measurement counts them); everything inside is recomputed in
+    backward, dropout's RNG replayed, with the functional-call mode active as in the forward (so the
+    recomputed graph is the forward's; in strict mode the calls it cannot handle are named there, as the
+    forward ran without grad). A forward whose inputs need no gradient runs as it is (the reentrant form
+    could not give the slices inside their gradients); `remove()` undoes the patch.
+    Kept inputs are all there is: the slices of selected layers inside are not kept (recomputed), so the
+    measured budgeted bytes fall below the analytic ones."""
+
+    def __init__(self, model: nn.Module, name: str, mode: functional_mode.FunctionalCalls) -> None:
+        names = [n for n, _ in model.named_modules() if n]
+        if name not in names:
+            raise unknown_name("module to recompute", name, names)
+        self.module = module = model.get_submodule(name)
+        if "forward" in vars(module):
+            raise TradyError(f"module {name!r} already has an instance forward; accepted: a module with its class's")
+        original = module.forward
+
+        def run(*args, **kwargs):
+            if mode.active:  # the forward pass (under no_grad here)
+                return original(*args, **kwargs)
+            mode.stack.append((name, False))
+            mode.active = True
+            mode.__enter__()
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                mode.__exit__(None, None, None)
+                mode.active = False
+                mode.stack.clear()
+            mode.raise_offenders()
+            return out
+
+        def forward(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+                return original(*args, **kwargs)
+            return checkpoint(functools.partial(run, **kwargs), *args, use_reentrant=True)
+
+        module.forward = forward
+
+    def remove(self) -> None:
+        vars(self.module).pop("forward", None)
