@@ -80,11 +80,39 @@ def test_kept_bytes_are_bits_per_element() -> None:
         assert all(t.numel() <= 16 for t in kept if t.dtype != torch.uint8)  # the levels only
 
 
-def test_pack_code_roundtrip() -> None:
-    code = torch.randint(0, 16, (1003,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+def test_pack_code_roundtrip_and_levels() -> None:
+    code = torch.randint(0, 16, (1003,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    levels = torch.linspace(-1, 2, 16)
     for bits in A.BITS_ACCEPTED:
         c = code % (2**bits)
-        assert torch.equal(A.unpack_code(A.pack_code(c, bits), c.numel()), c)
+        packed = A.pack_code(c, bits)
+        assert sum(p.numel() for p in packed) == bits * 126  # ceil(1003 / 8) = 126
+        assert torch.equal(A.unpack_code(packed, bits, c.numel()), c.long())
+        lv = levels[: 2**bits]
+        assert torch.equal(A.code_levels(packed, bits, lv, c.numel()), lv[c.long()])
+
+
+@pytest.mark.parametrize("kind", [A.SILU, A.GELU, A.HARDSWISH, A.TANH], ids=lambda k: k.key)
+@pytest.mark.parametrize("bits", [3, 4])
+def test_grid_code_is_bucketize(kind, bits) -> None:
+    borders, _, grid = A._table_tensors(kind, bits, torch.device("cpu"), torch.float32)
+    assert grid is not None
+    g = torch.Generator().manual_seed(3)
+    edges = grid.lo + torch.arange(grid.bins, dtype=torch.float64) / grid.inv_width  # bin edges
+    d = torch.cat([
+        kind.derivative(torch.randn(20000, generator=g)), borders, torch.nextafter(borders, borders + 1),
+        torch.nextafter(borders, borders - 1), edges.float(), torch.tensor([-1e9, 1e9, float("nan")]),
+    ])  # fmt: skip
+    expected = torch.bucketize(d, borders)
+    expected[-1] = 0  # NaN: counted below every border, as the compares do
+    assert torch.equal(grid.code(d).long(), expected)
+
+
+def test_code_is_bucketize() -> None:
+    d = torch.randn(5000, generator=torch.Generator().manual_seed(2))
+    borders = torch.tensor([-1.0, -0.3, 0.0, 0.2, 0.2000001, 1.5])
+    d[:6] = borders  # values on a border go to the cell below it, as bucketize(right=False)
+    assert torch.equal(A.code_of(d, borders).long(), torch.bucketize(d, borders))
 
 
 def test_inplace_module_modifies_its_input() -> None:
