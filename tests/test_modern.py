@@ -138,6 +138,29 @@ def test_functional_calls_keep_codes_not_floats(op) -> None:
     assert cos > 0.995
 
 
+def test_functional_dropout_keeps_a_bit_mask_and_draws_as_stock() -> None:
+    torch.manual_seed(0)
+    model = Functional(lambda t: F.dropout(t, 0.3))
+    x = torch.randn(2, 3, 9, 9)
+    dense = copy.deepcopy(model)
+    engine = SparseEngine(model, x)
+    engine.select({"conv": [0, 2]})
+    torch.manual_seed(5)
+    kept = _kept(model, engine, x)
+    assert kept["uint8"] == 2 * 8 * 81 // 8  # the dropout mask: 1 bit per element
+    for p in dense.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(5)
+    out_dense = dense(x)
+    torch.manual_seed(5)
+    out = model(x)
+    torch.testing.assert_close(out, out_dense)
+    out.square().sum().backward()
+    out_dense.square().sum().backward()
+    got, expected = engine.layers["conv"].trady.w_slice.grad, dense.conv.weight.grad[:, [0, 2]]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_functional_call_that_keeps_a_tensor_is_named_or_runs_stock() -> None:
     torch.manual_seed(0)
     model = Functional(lambda t: torch.softmax(t, dim=1))

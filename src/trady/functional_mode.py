@@ -5,7 +5,8 @@ autograd keeps, unseen. While the prepared model runs a forward with grad enable
 torch.overrides.TorchFunctionMode (public API) sees every torch call made by the forward code of its
 container modules (calls inside leaf modules and engine classes are theirs and pass through):
 - smooth activations -> activations.few_bit (EngineConfig.activation_bits; None: stock),
-  ReLU/ReLU6 -> the packed-mask ClampMaskFn, adaptive_avg_pool2d(x, 1) -> a mean (keeps nothing);
+  ReLU/ReLU6 -> the packed-mask ClampMaskFn, F.dropout -> the bit-mask DropoutMaskFn,
+  adaptive_avg_pool2d(x, 1) -> a mean (keeps nothing);
 - x * gate with a broadcast gate that needs a gradient (squeeze-excitation) -> lowbit.gate_mul;
 - F.layer_norm and F.scaled_dot_product_attention -> lowbit (EngineConfig.kept_precision, as the gate);
 - anything else runs stock; with strict=True, calls that keep a tensor for backward (other than a
@@ -100,7 +101,7 @@ class FunctionalCalls(TorchFunctionMode):
         self.offenders.clear()
         raise TradyError(
             f"functional call(s) on the backprop path keep tensors for backward: {calls}; handled: smooth "
-            "activations, relu, x * broadcast gate, layer_norm, scaled_dot_product_attention, "
+            "activations, relu, dropout, x * broadcast gate, layer_norm, scaled_dot_product_attention, "
             "adaptive_avg_pool2d(x, 1) (or EngineConfig(strict=False) to let stock autograd keep them)"
         )
 
@@ -115,6 +116,11 @@ class FunctionalCalls(TorchFunctionMode):
             return ops.ClampMaskFn.apply(args[0], 0.0, None, self.mask_bits)
         if func is F.relu6 and not _arg(args, kwargs, 1, "inplace", False):
             return ops.ClampMaskFn.apply(args[0], 0.0, 6.0, self.mask_bits)
+        if func is F.dropout:
+            p, training = float(_arg(args, kwargs, 1, "p", 0.5)), bool(_arg(args, kwargs, 2, "training", True))
+            if training and 0 < p < 1:  # a bit mask, as nn.Dropout's (sparse_modules.MaskedDropout)
+                return ops.DropoutMaskFn.apply(args[0], p, bool(_arg(args, kwargs, 3, "inplace", False)))
+            return func(*args, **kwargs)
         if func in _MUL and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
             out = lowbit.gate_mul(args[0], args[1], self.kept_precision)
             return NotImplemented if out is None else out
