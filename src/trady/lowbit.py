@@ -57,14 +57,15 @@ def _kept(ctx) -> tuple[torch.Tensor, tuple]:
 
 
 class GateMulFn(Function):
-    """y = x * gate with gate broadcast over x (squeeze-excitation); keeps gate and x at 8 bits."""
+    """y = x * gate with gate broadcast over x (squeeze-excitation); keeps the gate, and x at `bits` (8:
+    one offset and step per gate element) where the gate needs a gradient."""
 
     @staticmethod
     def forward(ctx, x, gate, bits):
         ctx.bcast = tuple(i for i in range(x.dim()) if gate.shape[i] == 1 and x.shape[i] != 1)
         ctx.gate_needs = gate.requires_grad
-        if gate.requires_grad:
-            _keep(ctx, x, bits, ctx.bcast, gate)
+        if gate.requires_grad:  # (x no larger than the gate, e.g. 1 x 1 maps: as it is)
+            _keep(ctx, x, bits if ctx.bcast else 32, ctx.bcast, gate)
         else:
             ctx.bits = 32
             ctx.save_for_backward(gate)
