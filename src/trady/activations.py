@@ -344,7 +344,12 @@ def code_levels(packed: tuple[torch.Tensor, ...], bits: int, levels: torch.Tenso
     if len(packed) == 1:  # w = bits: a [256, 8 / w] table of levels, one gather per byte
         out = F.embedding(packed[0].to(torch.int32), _byte_table(bits, levels))
         return out.view(-1)[:numel]
-    return levels.index_select(0, unpack_code(packed, bits, numel))
+    # 3 bits: the low 2 bits pick a level among the lower and the upper four, the high bit which one
+    lo, hi = packed[0].to(torch.int32), packed[1].to(torch.int32)
+    lower = F.embedding(lo, _byte_table(2, levels[:4])).view(-1)[:numel]
+    upper = F.embedding(lo, _byte_table(2, levels[4:])).view(-1)[:numel]
+    high = F.embedding(hi, _byte_table(1, torch.tensor([0.0, 1.0], dtype=levels.dtype, device=levels.device)))
+    return torch.where(high.view(-1)[:numel] > 0, upper, lower)
 
 
 class FewBitDerivativeFn(Function):
