@@ -390,8 +390,8 @@ class SparseEngine:
         )
 
     def _check_path(self) -> None:
-        """strict: one forward of the example sample (its RNG draws undone) raises naming every offender."""
-        if not self._guarded:
+        """strict: one forward of the example sample (RNG undone) names every offender: modules, functional calls."""
+        if not self.config.strict:
             return
         devices = [self._example.device] if self._example.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
