@@ -9,10 +9,12 @@ One run measures four variants of a training step on deep copies of the same mod
 - forward:     forward + loss of the stock model under torch.no_grad (the floor).
 A step of (full, simulation, engine) is forward + cross-entropy + backward + SGD step (no momentum).
 
-Memory: bytes kept between forward and backward (`trady.engine.measure_saved_bytes`, each storage once,
-parameters and buffers excluded), the engine's budgeted part from `SparseEngine.measure_step` beside the
-analytic one, gradient bytes of each variant, and on CUDA the `torch.cuda.max_memory_allocated` delta
-of a step. Time: warm-up, then the variants run round-robin for `rounds` rounds; the median per variant.
+The variants are built by trady.variants (one builder each) and listed in BENCH_VARIANTS with their
+own measurement. Memory: bytes kept between forward and backward (`trady.measure.measure_saved_bytes`,
+each storage once, parameters and buffers excluded), the engine's budgeted part from
+`SparseEngine.measure_step` beside the analytic one, gradient bytes of each variant, and on CUDA
+the `torch.cuda.max_memory_allocated` delta of a step. Time: warm-up, then the variants run
+round-robin for `rounds` rounds; the median per variant.
 
 The selection is TraDy's: input channels drawn uniformly at random from the model's top layers (the
 shipped ranking profile's top-K, else the top fraction by execution order), each one added while its space
@@ -42,10 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trady import ops
 from trady.costs import CostTable, Selection, analyze, parse_budget
-from trady.engine import EngineConfig, SparseEngine, measure_saved_bytes
 from trady.errors import TradyError, unknown_name
+from trady.measure import PeakMeter, measure_saved_bytes
+from trady.variants import StepInputs, StepVariant, simulation_masks  # noqa: F401 (bench.simulation_masks)
+from trady.variants import build as build_variant
 
 VARIANTS = ("full", "simulation", "engine", "forward")
 LAYER_CHOICES = ("auto", "profile", "top-fraction", "all")
@@ -154,40 +157,7 @@ def random_selection(
 
 
 # ---------------------------------------------------------------------------------------------
-# The simulation's gradient masks (what the paper's code does after a dense backward)
-# ---------------------------------------------------------------------------------------------
-
-
-def _input_channel_mask(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    """0/1 tensor broadcastable to the module's weight: 1 on the weights of input channels `idx`."""
-    w = module.weight
-    if isinstance(module, nn.Linear):
-        mask = torch.zeros(1, w.shape[1], dtype=w.dtype, device=w.device)
-        mask[0, idx.to(w.device)] = 1
-        return mask
-    groups = module.groups
-    cout, cin_g = w.shape[:2]
-    ones = torch.ones(idx.numel(), cout // groups, 1, 1, dtype=w.dtype, device=w.device)
-    mask = torch.zeros(cout, cin_g, 1, 1, dtype=w.dtype, device=w.device)
-    ops.scatter_slice_(mask, idx.to(w.device), ones if groups > 1 else ones.transpose(0, 1), groups)
-    return mask
-
-
-def simulation_masks(
-    model: nn.Module, costs: CostTable, selection: Selection
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(parameter, mask) for every parameter outside the classifier; mask None: zero the whole gradient."""
-    classifier = model.get_submodule(costs.classifier)
-    keep = {id(p) for p in classifier.parameters()}
-    masks: dict[int, torch.Tensor] = {}
-    for name, idx in selection.items():
-        module = model.get_submodule(name)
-        masks[id(module.weight)] = _input_channel_mask(module, idx)
-    return [(p, masks.get(id(p))) for p in model.parameters() if id(p) not in keep]
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurement helpers
+# The variants: how each is built (trady.variants) and what one measured step reports
 # ---------------------------------------------------------------------------------------------
 
 
@@ -195,24 +165,94 @@ def _grad_bytes(params: Sequence[torch.Tensor]) -> int:
     return sum(p.grad.nbytes for p in params if p.grad is not None)
 
 
+def _measure_stock(v: StepVariant, inp: StepInputs) -> dict:
+    """Bytes kept for backward (saved-tensor hooks) and gradient bytes of one real step."""
+    v.clear()
+    saved = measure_saved_bytes(v.model, lambda: F.cross_entropy(v.model(inp.x), inp.y))
+    saved.loss.backward()
+    out = {"saved_bytes": saved.total, "grad_bytes": _grad_bytes(v.params)}
+    v.optimizer.step()
+    return out
+
+
+def _measure_engine(v: StepVariant, inp: StepInputs) -> dict:
+    v.clear()
+    report = v.engine.measure_step(inp.x, inp.y, optimizer=v.optimizer)
+    return {
+        "saved_bytes": report.saved_bytes,
+        "grad_bytes": report.budgeted_grad_bytes + report.other_grad_bytes,
+        "budgeted_bytes": report.budgeted_bytes,
+        "analytic_budgeted_bytes": report.analytic_budgeted_bytes,
+        "budgeted_activation_bytes": report.budgeted_activation_bytes,
+        "budgeted_grad_bytes": report.budgeted_grad_bytes,
+        "rest_saved_bytes": report.rest_saved_bytes,
+        "saved_by_dtype": dict(report.saved_by_kind),
+    }
+
+
+def _engine_forward(engine_variant: StepVariant, inp: StepInputs) -> StepVariant:
+    """Extra, for transparency: the engine-prepared model's own no-grad forward."""
+    m = engine_variant.model
+
+    def step() -> None:
+        with torch.no_grad():
+            F.cross_entropy(m(inp.x), inp.y)
+
+    return StepVariant("engine_forward", m, step, lambda: None)
+
+
+@dataclass
+class BenchVariant:
+    key: str  # prefix of its result keys
+    builds: str  # the trady.variants builder
+    measure: Callable[[StepVariant, StepInputs], dict] | None  # memory of one measured step
+
+
+BENCH_VARIANTS = (
+    BenchVariant("full", "full", _measure_stock),
+    BenchVariant("simulation", "simulation", _measure_stock),
+    BenchVariant("engine", "engine", _measure_engine),
+    BenchVariant("forward", "inference", None),
+)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _cuda_peak_delta(device: torch.device, clear: Callable[[], None], step: Callable[[], None]) -> int:
-    """Peak bytes allocated during `step` above what was allocated before it (gradients cleared first)."""
-    clear()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device) - base)
+def _cuda_peak_delta(device: torch.device, v: StepVariant) -> int:
+    """Peak bytes allocated during a step above what was allocated before it (gradients cleared first)."""
+    v.clear()
+    meter = PeakMeter(device)
+    with meter:
+        v.step()
+    return int(meter.peak_bytes)
 
 
 def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def _time_round_robin(variants: dict[str, StepVariant], rounds: int, warmup: int, device) -> tuple[dict, dict]:
+    """Warm-up, then round-robin rounds (the first variant of a round rotates): wall and CPU samples."""
+    names = list(variants)
+    for _ in range(warmup):
+        for n in names:
+            variants[n].step()
+    _sync(device)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            variants[n].step()
+            _sync(device)
+            wall[n].append(time.perf_counter() - t0)
+            cpu[n].append(time.process_time() - c0)
+    return wall, cpu
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +280,8 @@ def bench_engine(
 ) -> dict:
     """Measure full fine-tuning, the simulation, the engine and forward-only on copies of `model`.
 
-    `model` is left untouched (everything runs on deep copies). `selection` overrides the random one.
-    Returns a JSON-ready dict (keys: see the module docstring).
+    `model` is left untouched (every variant runs on its own deep copy). `selection` overrides the
+    random one. Returns a JSON-ready dict (keys: see the module docstring).
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -263,145 +303,33 @@ def bench_engine(
     selection = costs.check_selection(selection)
     selection = {n: i.to(device) for n, i in selection.items()}
 
-    # Three copies: full (also used for forward-only, under no_grad), simulation, engine.
-    m_full = base
-    m_sim = copy.deepcopy(base)
-    m_eng = copy.deepcopy(base)
-    for m in (m_full, m_sim):
-        for p in m.parameters():
-            p.requires_grad_(True)
-    engine = SparseEngine(m_eng, x[:1], EngineConfig(classifier=costs.classifier, mask_bits=mask_bits))
-    engine.select(selection)
-    m_eng.eval()
-
-    p_full = list(m_full.parameters())
-    p_sim = list(m_sim.parameters())
-    p_eng = engine.parameters()
-    opt_full = torch.optim.SGD(p_full, lr=lr)
-    opt_sim = torch.optim.SGD(p_sim, lr=lr)
-    opt_eng = torch.optim.SGD(p_eng, lr=lr)
-    masks = simulation_masks(m_sim, costs, selection)
-
-    def apply_masks() -> None:
-        with torch.no_grad():
-            for p, mask in masks:
-                if p.grad is None:
-                    continue
-                if mask is None:
-                    p.grad.zero_()
-                else:
-                    p.grad.mul_(mask)
-
-    def loss_of(m: nn.Module) -> torch.Tensor:
-        return F.cross_entropy(m(x), y)
-
-    def full_step() -> None:
-        opt_full.zero_grad(set_to_none=True)
-        loss_of(m_full).backward()
-        opt_full.step()
-
-    def sim_step() -> None:
-        opt_sim.zero_grad(set_to_none=True)
-        loss_of(m_sim).backward()
-        apply_masks()
-        opt_sim.step()
-
-    def eng_step() -> None:
-        opt_eng.zero_grad(set_to_none=True)
-        loss_of(m_eng).backward()
-        opt_eng.step()
-
-    def fwd_step() -> None:
-        with torch.no_grad():
-            loss_of(m_full)
-
-    def eng_fwd_step() -> None:  # extra, for transparency: the engine-prepared model's own forward
-        with torch.no_grad():
-            loss_of(m_eng)
-
-    steps = {
-        "full": full_step,
-        "simulation": sim_step,
-        "engine": eng_step,
-        "forward": fwd_step,
-        "engine_forward": eng_fwd_step,
-    }
-    clears = {
-        "full": lambda: opt_full.zero_grad(set_to_none=True),
-        "simulation": lambda: opt_sim.zero_grad(set_to_none=True),
-        "engine": lambda: opt_eng.zero_grad(set_to_none=True),
-        "forward": lambda: None,
-        "engine_forward": lambda: None,
-    }
-
-    # -- memory: one measured step per trained variant
-    opt_full.zero_grad(set_to_none=True)
-    saved_full = measure_saved_bytes(m_full, lambda: loss_of(m_full))
-    full_saved = saved_full.total
-    saved_full.loss.backward()
-    full_grad = _grad_bytes(p_full)
-    opt_full.step()
-
-    opt_sim.zero_grad(set_to_none=True)
-    saved_sim = measure_saved_bytes(m_sim, lambda: loss_of(m_sim))
-    sim_saved = saved_sim.total
-    saved_sim.loss.backward()
-    apply_masks()
-    sim_grad = _grad_bytes(p_sim)
-    opt_sim.step()
-
-    opt_eng.zero_grad(set_to_none=True)
-    report = engine.measure_step(x, y, optimizer=opt_eng)
-    eng_grad = report.budgeted_grad_bytes + report.other_grad_bytes
-    del saved_full, saved_sim
-
+    inp = StepInputs(base, costs, selection, x, y, lr, mask_bits)
+    built = {bv.key: build_variant(bv.builds, inp) for bv in BENCH_VARIANTS}
+    built["engine_forward"] = _engine_forward(built["engine"], inp)
+    mem = {bv.key: bv.measure(built[bv.key], inp) for bv in BENCH_VARIANTS if bv.measure is not None}
     cuda_peak = None
     if device.type == "cuda":
-        cuda_peak = {v: _cuda_peak_delta(device, clears[v], steps[v]) for v in VARIANTS}
+        cuda_peak = {bv.key: _cuda_peak_delta(device, built[bv.key]) for bv in BENCH_VARIANTS}
+    samples, cpu_samples = _time_round_robin(built, rounds, warmup, device)
+    med = {v: _median(samples[v]) for v in built}
+    built["engine"].engine.sync()
 
-    # -- time: warm-up, then round-robin (the first variant of a round rotates)
-    timed = (*VARIANTS, "engine_forward")
-    for _ in range(warmup):
-        for v in timed:
-            steps[v]()
-    _sync(device)
-    samples: dict[str, list[float]] = {v: [] for v in timed}
-    cpu_samples: dict[str, list[float]] = {v: [] for v in timed}
-    for r in range(rounds):
-        k = r % len(timed)
-        for v in timed[k:] + timed[:k]:
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            steps[v]()
-            _sync(device)
-            samples[v].append(time.perf_counter() - t0)
-            cpu_samples[v].append(time.process_time() - c0)
-    med = {v: _median(samples[v]) for v in timed}
-    engine.sync()
-
+    eng = mem["engine"]
     result = {
-        "full_saved_bytes": full_saved,
-        "simulation_saved_bytes": sim_saved,
-        "engine_saved_bytes": report.saved_bytes,
-        "engine_budgeted_bytes": report.budgeted_bytes,
-        "analytic_budgeted_bytes": report.analytic_budgeted_bytes,
-        "full_step_s": med["full"],
-        "simulation_step_s": med["simulation"],
-        "engine_step_s": med["engine"],
-        "forward_step_s": med["forward"],
-        "full_step_cpu_s": _median(cpu_samples["full"]),
-        "simulation_step_cpu_s": _median(cpu_samples["simulation"]),
-        "engine_step_cpu_s": _median(cpu_samples["engine"]),
-        "forward_step_cpu_s": _median(cpu_samples["forward"]),
+        "full_saved_bytes": mem["full"]["saved_bytes"],
+        "simulation_saved_bytes": mem["simulation"]["saved_bytes"],
+        "engine_saved_bytes": eng["saved_bytes"],
+        "engine_budgeted_bytes": eng["budgeted_bytes"],
+        "analytic_budgeted_bytes": eng["analytic_budgeted_bytes"],
+        **{f"{v}_step_s": med[v] for v in ("full", "simulation", "engine", "forward")},
+        **{f"{v}_step_cpu_s": _median(cpu_samples[v]) for v in ("full", "simulation", "engine", "forward")},
         "engine_forward_step_s": med["engine_forward"],
         "engine_forward_step_cpu_s": _median(cpu_samples["engine_forward"]),
-        "full_grad_bytes": full_grad,
-        "simulation_grad_bytes": sim_grad,
-        "engine_grad_bytes": eng_grad,
-        "engine_budgeted_activation_bytes": report.budgeted_activation_bytes,
-        "engine_budgeted_grad_bytes": report.budgeted_grad_bytes,
-        "engine_rest_saved_bytes": report.rest_saved_bytes,
-        "engine_saved_by_dtype": dict(report.saved_by_kind),
+        **{f"{v}_grad_bytes": mem[v]["grad_bytes"] for v in ("full", "simulation", "engine")},
+        "engine_budgeted_activation_bytes": eng["budgeted_activation_bytes"],
+        "engine_budgeted_grad_bytes": eng["budgeted_grad_bytes"],
+        "engine_rest_saved_bytes": eng["rest_saved_bytes"],
+        "engine_saved_by_dtype": eng["saved_by_dtype"],
         "cuda_peak_delta_bytes": cuda_peak,
     }
     result["ratios"] = ratios(result)

@@ -36,6 +36,7 @@ class FinetuneConfig:
     profile: str | None = None  # layer-ranking profile JSON; None: the one shipped for the model
     epochs: int = 10
     batch_size: int = 32
+    micro_batch_size: int | None = None  # split each step's batch; gradients accumulate (trady.microbatch)
     lr: float = 0.125
     classifier_lr: float | None = None  # the fresh head's base LR; None: same as lr
     classifier_init: str = "default"  # the fresh head: "default" (PyTorch's) or "zeros"
@@ -84,6 +85,8 @@ class FinetuneConfig:
             raise TradyError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.classifier_init not in ("default", "zeros"):
             raise TradyError(f"classifier_init must be 'default' or 'zeros', got {self.classifier_init!r}")
+        if self.micro_batch_size is not None and (isinstance(self.micro_batch_size, bool) or self.micro_batch_size < 1):
+            raise TradyError(f"micro_batch_size must be a positive integer or None, got {self.micro_batch_size!r}")
         if self.mask_bits not in (1, 8):
             raise TradyError(f"mask_bits must be 1 or 8, got {self.mask_bits}")
         for name in ("train_size", "test_size", "resolution", "resample_every"):

@@ -292,6 +292,68 @@ def unpack_bits(packed: torch.Tensor, numel: int, dtype: torch.dtype = torch.boo
     return out.view(-1)[:numel]
 
 
+# Masks are made in MASK_PIECES chunks per tensor (of at least MASK_CHUNK_MIN elements, a multiple
+# of 8: a chunk starts on a byte of the packed mask), so that the temporaries of making them (the
+# shifted float y - hi, two bool tensors, an int64 word per 8 elements) are a quarter of what they
+# would be for the whole tensor, at three more small kernel calls per op and layer.
+MASK_PIECES = 4
+MASK_CHUNK_MIN = 1 << 18  # smaller tensors in one piece: a kernel call costs more than its temporaries
+
+
+def _chunk(n: int) -> int:
+    return max(MASK_CHUNK_MIN, -(-n // MASK_PIECES) + 7 & ~7)
+
+
+def _inside(y: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
+    """Bool: lo < x < hi for y = clamp(x, lo, hi).
+
+    inside <=> y != lo and y != hi. A float -> bool cast is a vectorised "!= 0" and far cheaper on CPU
+    than a comparison; y - c == 0 exactly iff y == c (Sterbenz / gradual underflow), so the mask is
+    exact, boundaries and NaN (passes, as stock) alike.
+    """
+    inside = (y if lo == 0 else y - lo).to(torch.bool)
+    if hi is not None:
+        inside &= (y - hi).to(torch.bool)
+    return inside
+
+
+def clamp_mask(y: torch.Tensor, lo: float, hi: float | None, bits: int) -> torch.Tensor:
+    """The mask ClampMaskFn keeps: bit-packed uint8 (bits=1) or bool (bits=8), in y's logical order."""
+    if not y.is_contiguous():  # rare (e.g. channels_last): one whole-tensor pass, in logical order
+        inside = _inside(y, lo, hi).reshape(-1)
+        return pack_bits(inside) if bits == 1 else inside
+    flat = y.view(-1)
+    n = flat.numel()
+    if bits == 8 and lo == 0 and hi is None:
+        return flat.to(torch.bool)  # ReLU: the cast is the mask, no temporary
+    chunk = _chunk(n)
+    if chunk >= n:  # one piece
+        inside = _inside(flat, lo, hi)
+        return pack_bits(inside) if bits == 1 else inside
+    out = torch.empty((n + 7) // 8 if bits == 1 else n, dtype=torch.uint8 if bits == 1 else torch.bool, device=y.device)
+    for start in range(0, n, chunk):
+        inside = _inside(flat[start : start + chunk], lo, hi)
+        if bits == 1:
+            packed = pack_bits(inside)
+            out[start // 8 : start // 8 + packed.numel()] = packed
+        else:
+            out[start : start + inside.numel()] = inside
+    return out
+
+
+def masked_grad(mask: torch.Tensor, grad_out: torch.Tensor, bits: int) -> torch.Tensor:
+    """grad_out where the mask is set, else 0 (flat, grad_out's dtype).
+
+    One table lookup per mask byte yields a fresh float 0/1 tensor that takes the product in place:
+    it is the input gradient's own buffer (which backward allocates anyway), so unpacking costs no
+    activation-sized temporary (only the int32 byte indices, 1/8 of it). Unchunked: chunks would only
+    add kernel calls here.
+    """
+    g = grad_out.contiguous().view(-1)
+    m = unpack_bits(mask, g.numel(), g.dtype) if bits == 1 else mask.view(torch.uint8).to(g.dtype)
+    return m.mul_(g)  # same-dtype in-place multiply: no mixed bool * float kernel, no extra allocation
+
+
 class ClampMaskFn(Function):
     """y = clamp(x, lo, hi) (ReLU: lo=0, hi=None); backward passes grad where lo < x < hi.
 
@@ -301,40 +363,29 @@ class ClampMaskFn(Function):
     @staticmethod
     def forward(ctx, x, lo, hi, bits):
         y = torch.clamp(x, lo, hi)
-        # inside <=> lo < x < hi <=> y != lo and y != hi (y = clamp(x)). A float -> bool cast is a
-        # vectorised "!= 0" and far cheaper on CPU than a comparison; y - c == 0 exactly iff y == c
-        # (Sterbenz / gradual underflow), so the mask is exact, boundaries and NaN (passes, as stock) alike.
-        inside = (y if lo == 0 else y - lo).to(torch.bool)
-        if hi is not None:
-            inside &= (y - hi).to(torch.bool)
         ctx.shape = x.shape
-        ctx.save_for_backward(pack_bits(inside) if bits == 1 else inside)
+        ctx.save_for_backward(clamp_mask(y, lo, hi, bits))
         ctx.bits = bits
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         (mask,) = ctx.saved_tensors
-        if ctx.bits == 1:
-            mask = unpack_bits(mask, grad_out.numel(), grad_out.dtype).view(ctx.shape)
-        else:
-            mask = mask.view(torch.uint8).to(grad_out.dtype)  # uint8 -> float: cheaper than from bool
-        # A same-dtype in-place multiply into the fresh mask: no mixed-dtype (bool * float) kernel,
-        # no extra allocation.
-        return mask.mul_(grad_out), None, None, None
+        return masked_grad(mask, grad_out, ctx.bits).view(ctx.shape), None, None, None
 
 
 class ClampMaskInplaceFn(ClampMaskFn):
     """ClampMaskFn in place (nn.ReLU(inplace=True) and kin): clamps `x` itself and returns it, as stock.
 
-    The mask is that of clamp(x) == clamp(clamp(x)), so ClampMaskFn.forward saves it from the clamped x;
-    its own (transient) output copy is dropped. The backward is ClampMaskFn's.
+    The mask is that of clamp(x) == clamp(clamp(x)), so it is made from the clamped x itself (no
+    activation-sized copy). The backward is ClampMaskFn's.
     """
 
     @staticmethod
     def forward(ctx, x, lo, hi, bits):
         x.clamp_(lo, hi)
-        ClampMaskFn.forward(ctx, x, lo, hi, bits)
+        ctx.shape, ctx.bits = x.shape, bits
+        ctx.save_for_backward(clamp_mask(x, lo, hi, bits))  # from the clamped x itself: no output copy
         ctx.mark_dirty(x)
         return x
 

@@ -31,9 +31,10 @@ from trady import distributed
 from trady.checkpoint import CHECKPOINT, checkpoint_state, clear_stale, load_checkpoint, one_line, restore
 from trady.config import FinetuneConfig
 from trady.costs import Selection
-from trady.engine import measure_saved_bytes
 from trady.errors import TradyError
 from trady.io import save_torch, write_json, write_jsonl
+from trady.measure import PEAK_MEASURE, PeakMeter, measure_saved_bytes
+from trady.microbatch import accumulate_gradients
 from trady.run_state import Run, make_optimizer, setup
 from trady.schedule import lr_at
 
@@ -66,7 +67,7 @@ def _all_reduce_grads(params: list[torch.Tensor]) -> int:
 
 
 def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure: bool) -> dict[str, Any]:
-    config, model, loader = run.config, run.model, run.train_loader
+    config, loader = run.config, run.train_loader
     loader.set_epoch(epoch)
     steps = len(loader)
     total_steps = steps * config.epochs
@@ -75,6 +76,8 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
     distributed_run = run.world > 1
     loss_sum, correct, seen = 0.0, 0, 0
     memory: dict[str, Any] = {}
+    meter = PeakMeter(run.device, control_allocator=True)  # the measured step peak (trady.measure)
+    peak = None
     lr = lr_at((epoch - 1) * steps, total_steps, warmup_steps, config.lr)
     bar = _progress(loader, config, f"epoch {epoch}/{config.epochs}", run.rank)
     for i, (x, y) in enumerate(bar):
@@ -85,22 +88,23 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
             g["lr"] = scale * g.get("base_lr", config.lr)
         for p in params:
             p.grad = None
-        if measure and i == 0:
-            logits, loss, memory = _measured_forward(run, x, y)
-        else:
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        value = loss.detach()
+        peak_step = measure and i == min(1, steps - 1)  # the second step: one-time set-up is done
+        if peak_step:
+            meter.start()
+        forward = _forward_loss(run, memory if measure and i == 0 else None)
+        logits, loss = accumulate_gradients(forward, x, y, config.micro_batch_size)  # forward + backward
+        value = loss
         if distributed_run:  # every rank stops at the same step when any rank's loss is not finite
             value = value.clone()
             torch.distributed.all_reduce(value)
         if not torch.isfinite(value):
             raise NonFiniteLoss(epoch, i + 1, steps, value=float(value))
-        loss.backward()
         if distributed_run:
             run.comm_elements = _all_reduce_grads(params)
         optimizer.step()  # the tuner's optimizer pre-hook records MeDyate's gradient norms first
         run.tuner.step()  # resample_every: the next forward trains a new draw (same slice tensors, resized)
+        if peak_step:
+            peak = meter.stop()
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -113,7 +117,23 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
             raise NonFiniteLoss(epoch, what="weights", where="at the end of")
     if distributed_run:  # the epoch's metrics over the global batches
         loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], run.device)
+    if peak is not None:
+        run.peak_memory_bytes = max(run.peak_memory_bytes or 0, peak)
     return {"lr": lr, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), **memory}
+
+
+def _forward_loss(run: Run, memory: dict[str, Any] | None):
+    """forward(x, y) -> (logits, loss); with `memory`, its first call counts the bytes kept for backward."""
+
+    def forward(x: torch.Tensor, y: torch.Tensor):
+        if memory is not None and not memory:
+            logits, loss, counted = _measured_forward(run, x, y)
+            memory.update(counted)
+            return logits, loss
+        logits = run.model(x)
+        return logits, F.cross_entropy(logits, y)
+
+    return forward
 
 
 def _measured_forward(run: Run, x: torch.Tensor, y: torch.Tensor):
@@ -347,6 +367,9 @@ def _summary(run: Run, rows: list[dict], wall: float, status: str = "ok", error:
         "selected_units": _mean(rows, "selected_units"),
         "measured_budgeted_bytes": _max(rows, "measured_budgeted_bytes"),
         "measured_saved_bytes": _max(rows, "measured_saved_bytes"),
+        "peak_memory_bytes": run.peak_memory_bytes,  # measured step peak (trady.measure.PeakMeter)
+        "peak_memory_measure": PEAK_MEASURE.get(run.device.type),
+        "micro_batch_size": c.micro_batch_size,
         "train_size": run.train_size,
         "test_size": run.test_size,
         "resolution": run.resolution,

@@ -64,7 +64,76 @@ def register(subparsers) -> None:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--out", default=None, help="also write the JSON result to this file")
     e.set_defaults(func=run)
+    _register_memory(sub)
     p.set_defaults(func=lambda args: _missing(p))
+
+
+def _register_memory(sub) -> None:
+    m = sub.add_parser(
+        "memory",
+        help="the measured peak of a step: inference vs. engine vs. stock freeze vs. full fine-tuning",
+        description=(
+            "Run each variant in its own fresh process, --repeats times: inference (no-grad forward), the "
+            "engine, stock freeze (requires_grad=False except the selected layers' weights and the head), "
+            "full fine-tuning. Peak on CPU: the resident high-water mark (VmHWM, reset through "
+            "/proc/self/clear_refs) over --steps steps minus the resident size when model, input and variant "
+            "are ready; children start with a fixed glibc mmap threshold so that it follows the live tensors "
+            "(--no-allocator-control: glibc defaults). CUDA: torch.cuda.max_memory_allocated delta. Prints "
+            "the medians with their range, the bytes kept for backward and the predicted engine peak."
+        ),
+        epilog="example: trady bench memory --model mobilenet_v2 --resolution 128 --batch-size 32 --budget 2.2%",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("--model", required=True, help="zoo model name (trady models)")
+    m.add_argument("--resolution", type=int, default=128, help="input size in pixels (default 128)")
+    m.add_argument("--batch-size", type=int, default=32, help="batch size of a step (default 32)")
+    m.add_argument("--budget", default="2.2%", help="units, bytes or share of full fine-tuning (default 2.2%%)")
+    m.add_argument("--micro-batch", type=int, default=None, help="split each step into micro-batches of this size")
+    m.add_argument("--layers", default="auto", choices=["auto", "profile", "top-fraction", "all"],
+                   help="layers to draw channels from (as `bench engine`)")  # fmt: skip
+    m.add_argument("--repeats", type=int, default=3, help="fresh processes per variant (default 3)")
+    m.add_argument("--steps", type=int, default=3, help="measured steps per process (default 3)")
+    m.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    m.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    m.add_argument("--seed", type=int, default=0, help="seed of the batch and the selection (default 0)")
+    m.add_argument("--variants", default="inference,engine,freeze,full", help="comma-separated subset")
+    m.add_argument("--no-allocator-control", action="store_true", help="children run with glibc's malloc defaults")
+    m.add_argument("--no-pretrained", action="store_true", help="random weights instead of the pretrained ones")
+    m.add_argument("--timeline", default=None, help="also profile one engine and one inference step: PNG path")
+    m.add_argument("--json", action="store_true", help="print the result as JSON")
+    m.add_argument("--out", default=None, help="also write the JSON result to this file")
+    m.set_defaults(func=run_memory)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from trady.memory_bench import MemoryBenchConfig, bench_memory, format_result
+
+    config = MemoryBenchConfig(
+        model=args.model, resolution=args.resolution, batch_size=args.batch_size, budget=args.budget,
+        micro_batch_size=args.micro_batch, layers=args.layers, repeats=args.repeats, steps=args.steps,
+        threads=args.threads, device=args.device, seed=args.seed, pretrained=not args.no_pretrained,
+        allocator_control=not args.no_allocator_control,
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+    )  # fmt: skip
+    progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = bench_memory(config, progress=progress)
+    if args.timeline:
+        from trady.memory_timeline import timeline_for
+
+        result["timeline"] = timeline_for(config, args.timeline)
+    result["command"] = "trady " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.out:
+        write_json(args.out, result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_result(result))
+        if args.timeline:
+            from trady.memory_timeline import format_timeline
+
+            print()
+            print(format_timeline(result["timeline"]))
+    return 0
 
 
 def _missing(parser: argparse.ArgumentParser) -> int:

@@ -42,6 +42,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         help=f"samples per step and process (default {d.batch_size}); data parallel (torchrun): the global "
         "batch is batch-size x WORLD_SIZE",
     )  # fmt: skip
+    p.add_argument("--micro-batch", dest="micro_batch_size", type=int, default=None,
+                   help="split each step's batch into micro-batches of this size; their gradients accumulate "
+                   "into one optimizer step (equal to the full batch's with frozen BatchNorm, no dropout)")  # fmt: skip
     p.add_argument("--lr", type=float, default=d.lr, help=f"base learning rate (default {d.lr})")
     p.add_argument("--classifier-init", choices=("default", "zeros"), default=d.classifier_init,
                    help="initialisation of the fresh classifier (zeros: no random-head noise into the backbone)")
@@ -223,7 +226,7 @@ def format_summary(s: dict, out: str | None) -> str:
         f"  weight sparsity        {_pct(s['weight_sparsity'])}",
         f"  weight-grad FLOPs cut  {_pct(s['flops_reduction'])}",
         f"  kept for backward      {_mib(s['measured_saved_bytes'])}"
-        f" (budgeted part {_mib(s['measured_budgeted_bytes'])})",
+        f" (budgeted part {_mib(s['measured_budgeted_bytes'])}); measured step peak {_mib(s.get('peak_memory_bytes'))}",
         f"  wall time              {s['wall_time_s']:.1f} s",
     ]
     for note in s.get("notes") or []:

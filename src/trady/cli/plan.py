@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--resolution", type=int, help="input resolution in pixels (default: the model's)")
     p.add_argument("--budget", help="units (27946), bytes (256KB, 1.5MiB) or share of full fine-tuning (2.2%%)")
     p.add_argument("--batch-size", type=int, default=32, help="batch for the byte figures (default 32)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="with --budget: predict the step peak for micro-batches of this size")  # fmt: skip
     p.add_argument("--mcu-dir", help="folder of the paper's int8 MCU models (default ../shared/models/mcu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
@@ -162,5 +164,13 @@ def format_plan(p: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     p = plan(args.model, args.resolution, args.budget, args.batch_size, args.mcu_dir)
+    if args.budget is not None:  # the predicted step peak and step-time floor of a TraDy draw (trady.step_peak)
+        from trady.step_peak import format_prediction, predict_step_peak
+
+        p["step_peak"] = predict_step_peak(
+            args.model, p["resolution"], args.budget, args.batch_size, args.micro_batch, mcu_dir=args.mcu_dir
+        )
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
+    if args.budget is not None and not args.json:
+        print(format_prediction(p["step_peak"]))
     return 0
