@@ -432,3 +432,108 @@ def test_profile_must_match_model():
             strategies.get(name).select(ctx(1, 20, torch.Generator(), costs, profile))
     with pytest.raises(TradyError, match="needs a layer-ranking profile"):
         strategies.get("trady").select(SelectionContext(1, costs, 20, torch.Generator(), None, None, None))
+
+
+# ---------------------------------------------------------------------------------------------------
+# su-published: Lin et al.'s schemes on the real MCU models (layer names and weights of the int8 files)
+
+
+@pytest.fixture(scope="module")
+def mcu_nets():
+    from trady import models
+    from trady.costs import analyze
+
+    out = {}
+    for name in ("mbv2-w0.35", "mcunet-in1", "proxyless-w0.3"):
+        net = models.create(name, pretrained=True, num_classes=10)
+        out[name] = (net, analyze(net, example_input=torch.zeros(1, 3, 128, 128), classifier="classifier"))
+    return out
+
+
+def su_ctx(epoch: int, budget: int, costs: CostTable, net: nn.Module) -> SelectionContext:
+    return SelectionContext(epoch, costs, budget, torch.Generator(), None, None, net)
+
+
+def _units(costs: CostTable, name: str) -> int:
+    lay = costs.by_name[name]  # C^W + C^A per channel, by hand from the layer's shape
+    return lay.out_channels * lay.kernel_size[0] * lay.kernel_size[1] // lay.groups + lay.input_hw[0] * lay.input_hw[1]
+
+
+def test_su_published_mcunet_99kb_layers_channels_and_units(mcu_nets):
+    from trady.su_published import bias_layers
+
+    net, costs = mcu_nets["mcunet-in1"]
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]  # Lin et al.'s indexing
+    sel = strategies.get("su-published", scheme="99kb").select(su_ctx(1, 10**7, costs, net))
+    # manual_weight_idx 21-24-27-30-36-39, ratios 1-1-1-1-0.125-0.25 (int(C * ratio) channels)
+    expect_layers = [convs[i] for i in (21, 24, 27, 30, 36, 39)]
+    assert list(sel) == expect_layers
+    assert expect_layers[0] == "blocks.7.pointwise1.conv"
+    for name, ratio in zip(expect_layers, (1, 1, 1, 1, 0.125, 0.25)):
+        w = net.get_submodule(name).weight.detach()
+        norms = w.permute(1, 0, 2, 3).reshape(w.shape[1], -1).norm(dim=1)  # per input channel
+        keep = int(w.shape[1] * ratio)
+        assert sorted(sel[name].tolist()) == sorted(torch.argsort(-norms)[:keep].tolist())
+    assert [len(sel[n]) for n in expect_layers] == [40, 48, 48, 48, 12, 24]
+    assert costs.selection_units(sel) == sum(len(sel[n]) * _units(costs, n) for n in expect_layers)
+    assert bias_layers("mcunet-in1", "99kb", costs) == convs[-22:]
+
+
+def test_su_published_schemes_cost_the_tradys_paper_budgets(mcu_nets):
+    # The TraDy paper's budgets (method.md: MbV2 66,592 and 93,696, MCUNet 15,936, Proxyless 25,984
+    # units at 128 px) are exactly the costs of Lin et al.'s 99kb / 138kb / 49kb / 49kb schemes.
+    from trady.su_published import scheme_units
+
+    got = {
+        (net, level): scheme_units(net, level, mcu_nets[net][1], mcu_nets[net][0])
+        for net, level in [("mbv2-w0.35", "99kb"), ("mbv2-w0.35", "138kb"), ("mcunet-in1", "49kb"),
+                           ("proxyless-w0.3", "49kb")]
+    }  # fmt: skip
+    assert got == {
+        ("mbv2-w0.35", "99kb"): 66592,
+        ("mbv2-w0.35", "138kb"): 93696,
+        ("mcunet-in1", "49kb"): 15936,
+        ("proxyless-w0.3", "49kb"): 25984,
+    }
+
+
+def test_su_published_depthwise_and_bias_only_layers(mcu_nets):
+    net, costs = mcu_nets["mbv2-w0.35"]
+    convs = costs.names
+    sel = strategies.get("su-published", scheme="49kb").select(su_ctx(1, 10**7, costs, net))
+    # idx 36 39 40 41 42 45 48 49, ratios 1 1 0 0.25 0.125 0.125 0.125 0.125: layer 40 (ratio 0) is bias only
+    assert convs[40] not in sel and convs[40] == "blocks.13.depthwise.conv"
+    dw = convs[49]
+    assert dw == "blocks.16.depthwise.conv"
+    w = net.get_submodule(dw).weight.detach()
+    norms = w.flatten(1).norm(dim=1)  # depthwise: input channel c owns weight[c]
+    assert sorted(sel[dw].tolist()) == sorted(torch.argsort(-norms)[: int(336 * 0.125)].tolist())
+    assert set(sel) == {convs[i] for i in (36, 39, 41, 42, 45, 48, 49)}
+
+
+def test_su_published_picks_the_largest_scheme_that_fits_and_is_static(mcu_nets):
+    net, costs = mcu_nets["mbv2-w0.35"]
+    s = strategies.get("su-published")
+    assert not s.dynamic
+    first = s.select(su_ctx(1, 66592, costs, net))
+    assert s.chosen_scheme == "99kb" and costs.selection_units(first) == 66592
+    again = s.select(su_ctx(2, 66592, costs, net))
+    assert as_set(again) == as_set(first)
+    s2 = strategies.get("su-published")
+    s2.select(su_ctx(1, 66591, costs, net))
+    assert s2.chosen_scheme == "73kb"
+    s3 = strategies.get("su-published")
+    s3.load_state_dict(s2.state_dict())
+    assert s3.chosen_scheme == "73kb"
+
+
+def test_su_published_errors(mcu_nets):
+    net, costs = mcu_nets["mcunet-in1"]
+    with pytest.raises(TradyError, match="scheme '99kb' of mcunet-in1 costs 64832 units, over the budget"):
+        strategies.get("su-published", scheme="99kb").select(su_ctx(1, 20000, costs, net))
+    with pytest.raises(TradyError, match="no su-published scheme of mcunet-in1 fits.*smallest costs 15936"):
+        strategies.get("su-published").select(su_ctx(1, 15935, costs, net))
+    with pytest.raises(TradyError, match="unknown su-published scheme of mcunet-in1"):
+        strategies.get("su-published", scheme="50kb").select(su_ctx(1, 10**7, costs, net))
+    with pytest.raises(TradyError, match="knows Lin et al.'s schemes for .* only"):
+        strategies.get("su-published").select(su_ctx(1, 100, tiny_costs(), TinyNet()))

@@ -9,8 +9,9 @@ the strategy's order, each added while it fits, one that does not fit is skipped
 
 Registry: `register(name)` decorates a class, `get(name, **options)` builds one, `available()` lists
 the names. Names follow the paper (method.md): trady (= D-TopK Random), s-topk-random, d-full-random,
-s-full-random, d-det-rgn, s-det-rgn, medyate, su-magnitude; and the non-sparse modes full, classifier,
-bias, whose selection is empty (the trainer handles their mode).
+s-full-random, d-det-rgn, s-det-rgn, medyate, su-magnitude, su-published (Lin et al.'s schemes, in
+trady.su_published); and the non-sparse modes full, classifier, bias, whose selection is empty (the
+trainer handles their mode).
 """
 
 from __future__ import annotations
@@ -517,6 +518,10 @@ class BiasAndClassifier(_Mode):
 
     mode = "bias"
 
+
+# Lin et al.'s published schemes (data + strategy "su-published") live in their own module; importing it
+# here registers the strategy with every `import trady.strategies`.
+from trady import su_published as _su_published  # noqa: E402,F401
 
 __all__ = [
     "DEFAULT_THRESHOLD",
