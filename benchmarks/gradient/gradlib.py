@@ -16,13 +16,14 @@ trained and sits outside) and over the profile's top-K layers only:
 A consistency check: the engine's slice gradients must equal the dense gradient restricted to the
 selection (`slice_grad_rel_err`, the largest relative difference seen).
 
-`redraw_every` N (steps): the selection is redrawn after every N optimizer steps inside an epoch (the
-epoch's own draw is train.choose_selection's, as in every trady run; the extra draws use the
-strategy's `select` with a generator of (seed, epoch, draw)), so N >= steps per epoch is plain trady.
+`redraw_every` N (steps): the run's `resample_every` (trady.Tuner): the selection is redrawn after
+every N optimizer steps inside an epoch, so N >= steps per epoch is plain trady; every draw counts
+for the coverage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trady import models, ops, strategies, train
+from trady import models, ops, train
 from trady.config import FinetuneConfig
 from trady.costs import Selection
+from trady.run_state import make_optimizer
 
 
 class BatchRecorder:
@@ -71,41 +73,24 @@ class Tracker:
 
 class MeasuringOptimizer:
     """Stands in for the epoch's optimizer in train.train_epoch: before each real step it computes the
-    full gradient on the step's batch (dense copy), then steps; with `redraw_every` it redraws the
-    selection after every N steps and rebuilds the optimizer (plain SGD keeps no state)."""
+    full gradient on the step's batch (dense copy), then steps."""
 
-    def __init__(self, bench: GradientRun, epoch: int) -> None:
+    def __init__(self, bench: GradientRun) -> None:
         self.bench = bench
-        self.epoch = epoch
-        self.inner = train._make_optimizer(bench.run)
-        self.step_in_epoch = 0
+        self.inner = make_optimizer(bench.run)
 
     @property
     def param_groups(self):
         return self.inner.param_groups
 
     def step(self) -> None:
-        b = self.bench
-        b.measure_step(float(self.inner.param_groups[0]["lr"]))  # group 0: the body (slices)
+        self.bench.measure_step(float(self.inner.param_groups[0]["lr"]))  # group 0: the backbone (slices)
         self.inner.step()
-        self.step_in_epoch += 1
-        n = b.redraw_every
-        steps = len(b.run.train_loader)
-        if n is not None and self.step_in_epoch % n == 0 and self.step_in_epoch < steps:
-            lrs = [g["lr"] for g in self.inner.param_groups]
-            b.redraw(self.epoch, self.step_in_epoch // n)
-            self.inner = train._make_optimizer(b.run)
-            for g, lr in zip(self.inner.param_groups, lrs):
-                g["lr"] = lr
-        # train_epoch zeroes the grads of the tensors it listed at the epoch's start; slices made by a
-        # redraw are not among them, so every tensor's gradient is cleared here after its step.
-        for g in self.inner.param_groups:
-            for p in g["params"]:
-                p.grad = None
 
 
 class GradientRun:
     def __init__(self, config: FinetuneConfig, redraw_every: int | None = None) -> None:
+        config = dataclasses.replace(config, resample_every=redraw_every)
         self.config = config
         self.redraw_every = redraw_every
         self.run = run = train.setup(config)
@@ -114,7 +99,7 @@ class GradientRun:
         run.train_loader = BatchRecorder(run.train_loader)
         # the dense twin: same architecture, stock modules, weights copied in before every step
         self.dense = models.create(
-            config.model, pretrained=False, num_classes=len(run.data.classes), mcu_dir=config.mcu_dir
+            config.model, pretrained=False, num_classes=run.classes, mcu_dir=config.mcu_dir
         ).to(run.device)
         self.dense.eval()
         for p in self.dense.parameters():
@@ -123,7 +108,7 @@ class GradientRun:
         self.groups = {n: getattr(run.model.get_submodule(n), "groups", 1) for n in self.names}
         for n in self.names:
             self.dense.get_submodule(n).weight.requires_grad_(True)
-        profile = run.profile.for_costs(run.costs)
+        profile = run.tuner.profile.for_costs(run.costs)
         w0 = {n: run.model.get_submodule(n).weight.detach().double().clone() for n in self.names}
         self.tracker = Tracker(self.names, set(profile.top_k()), w0)
         self.topk = profile.top_k()
@@ -138,16 +123,6 @@ class GradientRun:
         for n, idx in selection.items():
             self.tracker.seen[n][idx.cpu()] = True
 
-    def redraw(self, epoch: int, draw: int) -> None:
-        run = self.run
-        ctx = strategies.SelectionContext(
-            epoch=epoch, costs=run.costs, budget_units=run.budget_units,
-            generator=train.epoch_generator(run.config.seed, epoch, salt=draw), profile=run.profile,
-            grad_stats=None, model=run.model,
-        )  # fmt: skip
-        sel = run.engine.select(run.strategy.select(ctx))
-        self.mark_selected(sel)
-
     # -- the full gradient at this step
     def measure_step(self, lr: float) -> None:
         run, t = self.run, self.tracker
@@ -157,7 +132,8 @@ class GradientRun:
             self.dense.get_submodule(n).weight.grad = None
         with torch.enable_grad():
             F.cross_entropy(self.dense(x.to(run.device)), y.to(run.device)).backward()
-        sel = run.engine.selection
+        sel = run.engine.selection  # this step's draw (resample_every redraws before a forward)
+        self.mark_selected(sel)
         tot = tot_k = cap = cap_k = 0.0
         for n in self.names:
             g = self.dense.get_submodule(n).weight.grad.detach()
@@ -206,9 +182,8 @@ class GradientRun:
         run, config = self.run, self.config
         rows = []
         for epoch in range(1, config.epochs + 1):
-            selection = train.choose_selection(run, epoch)
-            self.mark_selected(selection)
-            optimizer = MeasuringOptimizer(self, epoch)
+            train.choose_selection(run, epoch)
+            optimizer = MeasuringOptimizer(self)
             stats = train.train_epoch(run, epoch, optimizer, measure=False)
             test_loss, test_acc = train.evaluate(run)
             row = {"epoch": epoch, "train_loss": stats["train_loss"], "test_acc": test_acc, **self.epoch_row()}
