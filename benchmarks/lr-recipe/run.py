@@ -72,7 +72,7 @@ def scaled_params(run: train.Run, scales: dict[str, torch.Tensor]) -> list[tuple
             out.append((module.weight, s.view(-1, 1, 1, 1)))
             continue
         st = module.trady
-        if st.w_slice is None:
+        if st.idx is None:  # not selected (its slice tensor is empty)
             continue
         if groups == 1:  # slice [O, |idx|, k, k]
             out.append((st.w_slice, s.view(-1, 1, 1, 1)))
