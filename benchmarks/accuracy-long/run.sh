@@ -6,10 +6,11 @@
 # skipped.   bash benchmarks/accuracy-long/run.sh [--jobs 2]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-.venv/bin/python}
 export PYTHONPATH=src OMP_NUM_THREADS=1
 OUT=benchmarks/accuracy-long/results
-nice -n 15 "$PY" benchmarks/accuracy-long/lr_scan.py
+# the scan runs once (delete results/lr_scan.json to redo it)
+[ -f "$OUT/lr_scan.json" ] || nice -n 15 "$PY" benchmarks/accuracy-long/lr_scan.py
 nice -n 15 "$PY" -m trady sweep --grid benchmarks/accuracy-long/grid.json --out "$OUT" --threads 1 --no-progress "$@"
 for model in $("$PY" -c 'import json; print(" ".join(json.load(open("benchmarks/accuracy-long/grid.json"))["models"]))'); do
   lr=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["chosen"][sys.argv[2]])' "$OUT/lr_scan.json" "$model")
