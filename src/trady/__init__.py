@@ -7,11 +7,22 @@ The any-model API, importable from `trady` itself:
 - `trady.RankingProfile`: the profile's JSON form (trady.ranking).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+
+def _package_version() -> str:
+    """The installed distribution's version (pyproject.toml is the one place it is written)."""
+    try:
+        return version("trady")
+    except PackageNotFoundError:  # a source tree on sys.path without an install
+        return "0+unknown"
+
+
+__version__ = _package_version()
 
 # Loaded on first use: `import trady` (and the CLI's start) stays free of torch until one is needed.
 _EXPORTS = {"rank": "trady.profiling", "Tuner": "trady.tuner", "RankingProfile": "trady.ranking"}
-__all__ = ["RankingProfile", "Tuner", "rank"]
+__all__ = ["RankingProfile", "Tuner", "__version__", "rank"]
 
 
 def __getattr__(name: str):

@@ -30,6 +30,7 @@ from typing import Any
 from trady.config import CHECKPOINT, NON_RESULT_SETTINGS, FinetuneConfig
 from trady.errors import TradyError, unknown_name
 from trady.io import write_json, write_text
+from trady.text import render_table
 
 # Strategies that train a fixed part of the network and take no budget: run once per
 # (model, dataset, seed) with budget null.
@@ -389,12 +390,10 @@ def format_table(result: SweepResult) -> str:
         t = "-" if o.wall_time_s is None else f"{o.wall_time_s:.1f}s"
         err = (o.error or "").splitlines()[0][:80] if o.error else ""
         rows.append((o.point.name, o.status, _fmt_acc(o.test_acc), t, err))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + ("  " + r[4] if r[4] else "") for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [render_table(rows[0], rows[1:], left=len(rows[0]))]
     lines.append(f"{result.count('ok')} ran, {result.count('skipped')} skipped (already done), "
                  f"{result.count('failed')} failed  ->  {result.out}")
-    return "\n".join(line.rstrip() for line in lines)
+    return "\n".join(lines)
 
 
 def available_cores() -> int:

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from trady import __version__
 from trady.errors import TradyError
 
 # Module names under trady.cli, in the order `trady --help` lists them.
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trady",
         description="Fine-tune a pretrained network under a hard training-memory budget.",
     )
+    parser.add_argument("--version", action="version", version=f"trady {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMAND_MODULES:
         importlib.import_module(f"trady.cli.{name}").register(sub)

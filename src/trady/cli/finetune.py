@@ -8,10 +8,12 @@ from pathlib import Path
 
 from trady.config import NON_RESULT_SETTINGS, FinetuneConfig
 from trady.errors import TradyError
+from trady.text import mib, pct
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """The FinetuneConfig fields as options (shared with commands that launch fine-tunes)."""
+def add_config_arguments(p) -> None:
+    """The FinetuneConfig fields as options (shared with commands that launch fine-tunes); `p` is an
+    argparse parser, or anything with its add_argument."""
     d = FinetuneConfig()
     p.add_argument(
         "--model", default=d.model,
@@ -109,6 +111,21 @@ weight slices, the classifier and trained biases are all-reduced. Rank 0 writes 
 RESUME_OPTIONS = {"resume", "json", *NON_RESULT_SETTINGS}
 
 
+class _RecordingParser:
+    """Adds options to a parser and records each one's dest, long flag and default, from the Action
+    that add_argument returns (argparse keeps no public list of its options)."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.options: dict[str, tuple[str, object]] = {}
+
+    def add_argument(self, *names, **kwargs) -> argparse.Action:
+        action = self.parser.add_argument(*names, **kwargs)
+        if action.option_strings:
+            self.options[action.dest] = (max(action.option_strings, key=len), action.default)
+        return action
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "finetune",
@@ -116,34 +133,27 @@ def register(sub) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(p)
-    p.add_argument(
+    rec = _RecordingParser(p)
+    add_config_arguments(rec)
+    rec.add_argument(
         "--out",
         help="run folder (default runs/<model>__<data>__<strategy>__s<seed>); a run already there is replaced",
     )
-    p.add_argument(
+    rec.add_argument(
         "--resume", metavar="DIR",
         help="continue the run in DIR from its last checkpoint, with its own settings (DIR/config.json); "
         "only settings that do not change results (--threads, --device, --no-progress, --no-measure, --data-dir, "
         "--mcu-dir) and --json may be given with it",
     )  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=run, _finetune_parser=p)
+    rec.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run, _finetune_options=rec.options)
 
 
 def _changed_options(args: argparse.Namespace) -> list[str]:
     """Options given on the command line (values differing from the defaults) that --resume ignores."""
-    parser: argparse.ArgumentParser | None = getattr(args, "_finetune_parser", None)
-    if parser is None:
-        return []
-    changed = []
-    for action in parser._actions:  # argparse has no public list of its options
-        dest = action.dest
-        if dest in RESUME_OPTIONS or not action.option_strings or dest == "help" or not hasattr(args, dest):
-            continue
-        if getattr(args, dest) != action.default:
-            changed.append(max(action.option_strings, key=len))
-    return changed
+    options: dict[str, tuple[str, object]] = getattr(args, "_finetune_options", {})
+    return [flag for dest, (flag, default) in options.items()
+            if dest not in RESUME_OPTIONS and hasattr(args, dest) and getattr(args, dest) != default]
 
 
 def _resume_config(args: argparse.Namespace) -> FinetuneConfig:
@@ -206,27 +216,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mib(n) -> str:
-    return "-" if n is None else f"{n / 2**20:.2f} MiB"
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
 def format_summary(s: dict, out: str | None) -> str:
     budget = "-"
     if s.get("budget_units"):
-        budget = f"{s['budget_units']:,} units ({_pct(s['budget_fraction'])} of full fine-tuning)"
+        budget = f"{s['budget_units']:,} units ({pct(s['budget_fraction'])} of full fine-tuning)"
     lines = [
         f"model {s['model']}  data {s['dataset']}  strategy {s['strategy']}  seed {s['seed']}",
         f"  budget                 {budget}",
         f"  test accuracy          {s['test_acc']:.4f} (best {s['best_test_acc']:.4f}) after {s['epochs_done']} epochs",
-        f"  activation sparsity    {_pct(s['activation_sparsity'])}",
-        f"  weight sparsity        {_pct(s['weight_sparsity'])}",
-        f"  weight-grad FLOPs cut  {_pct(s['flops_reduction'])}",
-        f"  kept for backward      {_mib(s['measured_saved_bytes'])}"
-        f" (budgeted part {_mib(s['measured_budgeted_bytes'])}); measured step peak {_mib(s.get('peak_memory_bytes'))}",
+        f"  activation sparsity    {pct(s['activation_sparsity'])}",
+        f"  weight sparsity        {pct(s['weight_sparsity'])}",
+        f"  weight-grad FLOPs cut  {pct(s['flops_reduction'])}",
+        f"  kept for backward      {mib(s['measured_saved_bytes'])}"
+        f" (budgeted part {mib(s['measured_budgeted_bytes'])}); measured step peak {mib(s.get('peak_memory_bytes'))}",
         f"  wall time              {s['wall_time_s']:.1f} s",
     ]
     for note in s.get("notes") or []:

