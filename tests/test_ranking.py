@@ -14,6 +14,7 @@ from trady import profiling, ranking
 from trady.costs import CostTable, LayerInfo, analyze
 from trady.errors import TradyError
 from trady.ranking import LayerRank, RankAccumulator, RankingProfile, channel_norms, top_k_count
+from trady.report import plot_profile
 
 
 class Tiny(nn.Module):
@@ -214,7 +215,7 @@ def test_spearman_layer_order():
 
 def test_plot_profile(tmp_path):
     out = tmp_path / "p.png"
-    ranking.plot_profile(make_profile([4.0, 30.0, 1.0, 50.0, 15.0]), out)
+    plot_profile(make_profile([4.0, 30.0, 1.0, 50.0, 15.0]), out)
     assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -249,6 +249,10 @@ class RankingProfile:
 
     @classmethod
     def from_dict(cls, data: dict) -> RankingProfile:
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+            raise TradyError(
+                "invalid layer-ranking profile: this JSON is not a layer-ranking profile (no 'layers' list)"
+            )
         try:
             layers = [
                 LayerRank(
@@ -410,43 +414,3 @@ class RankAccumulator:
             iterations=self.iterations,
             extra=dict(extra or {}),
         )
-
-
-# ----------------------------------------------------------------------------------------------------
-# plot
-
-
-def plot_profile(profile: RankingProfile, path: str | Path, threshold: float | None = None) -> None:
-    """PNG: layer RGN in execution order (top-K highlighted) and the cumulative share along the ranking."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    thr = profile.threshold if threshold is None else threshold
-    k = profile.k(thr)
-    top = set(profile.top_k(thr))
-    rgn = profile.values("rgn")
-    share = profile.cumulative_share()
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8.0, 0.16 * len(rgn)), 7.5))
-    colors = ["tab:orange" if lay.name in top else "tab:gray" for lay in profile.layers]
-    ax1.bar(range(len(rgn)), rgn, color=colors)
-    ax1.set_yscale("log" if min((v for v in rgn if v > 0), default=1.0) > 0 and max(rgn) > 0 else "linear")
-    ax1.set_xlabel("layer (execution order)")
-    ax1.set_ylabel("layer RGN (accumulated)")
-    ax1.set_title(
-        f"{profile.model} @ {profile.resolution}px, {profile.dataset}, {profile.epochs} ep, seed {profile.seed}: "
-        f"top-{k} of {len(rgn)} layers (orange) hold {100 * thr:.0f}% of RGN"
-    )
-    ax2.plot(range(1, len(share) + 1), share, marker=".", color="tab:blue")
-    ax2.axhline(thr, color="tab:red", linestyle="--", label=f"{100 * thr:.0f}%")
-    ax2.axvline(k, color="tab:orange", linestyle=":", label=f"K = {k}")
-    ax2.set_xlabel("number of layers (by decreasing layer RGN)")
-    ax2.set_ylabel("cumulative share of RGN")
-    ax2.set_ylim(0, 1.02)
-    ax2.legend(loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -67,6 +67,29 @@ def available() -> list[str]:
     return list(_REGISTRY)
 
 
+def strategy_class(name: str) -> type[Strategy]:
+    """The class registered as `name`: its attributes (mode, dynamic, grad_source, display_order,
+    colour) without building one."""
+    if name not in _REGISTRY:
+        raise unknown_name("strategy", name, available())
+    return _REGISTRY[name]
+
+
+def in_display_order(names: Iterable[str]) -> list[str]:
+    """Strategy names in the order reports show them: the registered sparse strategies by their
+    `display_order`, then names the registry does not know (alphabetically), then the non-sparse
+    references (full, classifier, bias) by their `display_order`."""
+    names = set(names)
+
+    def key(n: str) -> tuple[int, str]:
+        return (_REGISTRY[n].display_order, n)
+
+    sparse = sorted((n for n in names if n in _REGISTRY and _REGISTRY[n].mode == "sparse"), key=key)
+    refs = sorted((n for n in names if n in _REGISTRY and _REGISTRY[n].mode != "sparse"), key=key)
+    rest = sorted(n for n in names if n not in _REGISTRY)
+    return sparse + rest + refs
+
+
 def get(name: str, **options: Any) -> Strategy:
     """Build the strategy registered as `name` with its options (unknown ones are an error)."""
     if name not in _REGISTRY:
@@ -160,12 +183,19 @@ def _clone(sel: Selection) -> Selection:
 
 
 class Strategy:
-    """Base: subclasses set `dynamic`, `mode`, `grad_source` and implement `_choose(ctx)`."""
+    """Base: subclasses set `dynamic`, `mode`, `grad_source` and implement `_choose(ctx)`.
+
+    `display_order` and `colour` say how reports show the strategy (position in tables and plots,
+    lower first; plot colour, None for one of the spare colours): a dynamic variant and its static
+    twin sit side by side and share a hue (static lighter).
+    """
 
     name: str = ""
     dynamic: bool = True
     mode: str = "sparse"
     grad_source: str | None = None
+    display_order: int = 1000
+    colour: str | None = None
 
     def __init__(self) -> None:
         self._selection: Selection | None = None  # static strategies: the choice made at the first call
@@ -293,6 +323,8 @@ class _TopKRandom(Strategy):
 class TraDy(_TopKRandom):
     """D-TopK Random: uniform random channels of the profile's top-K layers, redrawn every epoch."""
 
+    display_order = 51
+    colour = "#d62728"
     dynamic = True
 
 
@@ -300,6 +332,8 @@ class TraDy(_TopKRandom):
 class STopKRandom(_TopKRandom):
     """S-TopK Random: uniform random channels of the top-K layers, chosen once."""
 
+    display_order = 50
+    colour = "#ff9896"
     dynamic = False
 
 
@@ -313,6 +347,8 @@ class _FullRandom(Strategy):
 class DFullRandom(_FullRandom):
     """Uniform random channels over every layer, redrawn every epoch."""
 
+    display_order = 31
+    colour = "#2ca02c"
     dynamic = True
 
 
@@ -320,6 +356,8 @@ class DFullRandom(_FullRandom):
 class SFullRandom(_FullRandom):
     """Uniform random channels over every layer, chosen once."""
 
+    display_order = 30
+    colour = "#98df8a"
     dynamic = False
 
 
@@ -356,6 +394,8 @@ class _DetRGN(Strategy):
 class DDetRGN(_DetRGN):
     """Channels by decreasing RGN_c = ||g_c|| / (C^W_c + C^A_c) of a full gradient, every epoch."""
 
+    display_order = 41
+    colour = "#1f77b4"
     dynamic = True
 
 
@@ -363,6 +403,8 @@ class DDetRGN(_DetRGN):
 class SDetRGN(_DetRGN):
     """Channels by decreasing RGN_c of a full gradient computed once, at the start."""
 
+    display_order = 40
+    colour = "#aec7e8"
     dynamic = False
 
 
@@ -381,6 +423,8 @@ class MeDyate(Strategy):
     gradient norm; channels never measured get the largest measured norm so that they are explored.
     """
 
+    display_order = 60
+    colour = "#ff7f0e"
     dynamic = True
     grad_source = "running"
 
@@ -464,6 +508,8 @@ class SUMagnitude(Strategy):
     """Static: layers from the classifier end downwards, `ratio` of each layer's input channels with
     the largest weight magnitude (L2 norm of the channel's weight slice), until the budget is full."""
 
+    display_order = 20
+    colour = "#9467bd"
     dynamic = False
 
     def __init__(self, *, ratio: float = 0.5) -> None:
@@ -502,6 +548,8 @@ class _Mode(Strategy):
 class Full(_Mode):
     """Full fine-tuning (every weight; no budget)."""
 
+    display_order = 92
+    colour = "#000000"
     mode = "full"
 
 
@@ -509,6 +557,8 @@ class Full(_Mode):
 class ClassifierOnly(_Mode):
     """Only the classifier is trained."""
 
+    display_order = 91
+    colour = "#7f7f7f"
     mode = "classifier"
 
 
@@ -516,6 +566,8 @@ class ClassifierOnly(_Mode):
 class BiasAndClassifier(_Mode):
     """Biases and the classifier are trained (TinyTL-style)."""
 
+    display_order = 90
+    colour = "#8c564b"
     mode = "bias"
 
 
@@ -531,9 +583,11 @@ __all__ = [
     "Strategy",
     "available",
     "check_budget",
+    "in_display_order",
     "fill_budget",
     "uniform_candidates",
     "get",
     "option_names",
     "register",
+    "strategy_class",
 ]

@@ -32,10 +32,6 @@ from trady.errors import TradyError, unknown_name
 from trady.io import write_json, write_text
 from trady.text import render_table
 
-# Strategies that train a fixed part of the network and take no budget: run once per
-# (model, dataset, seed) with budget null.
-NON_SPARSE_STRATEGIES = ("full", "classifier", "bias")
-
 # Grid axes and the FinetuneConfig field each one sets.
 AXES = {"models": "model", "datasets": "data", "budgets": "budget", "strategies": "strategy", "seeds": "seed"}
 
@@ -44,17 +40,14 @@ Runner = Callable[..., dict]  # runner(config) -> summary; may also take resume=
 
 
 def is_sparse(strategy: str) -> bool:
-    """Whether a strategy updates a budgeted channel selection (and so runs once per budget)."""
-    if strategy in NON_SPARSE_STRATEGIES:
-        return False
-    try:  # the registry knows strategies we do not list here
-        from trady import strategies as registry
+    """Whether a strategy updates a budgeted channel selection (and so runs once per budget); the
+    non-sparse modes (full, classifier, bias: registry `mode`) run once per (model, dataset, seed) with
+    budget null. A name the registry does not know counts as sparse (the run then fails on it)."""
+    from trady import strategies
 
-        if strategy in registry.available():
-            return getattr(registry.get(strategy), "mode", "sparse") == "sparse"
-    except Exception:  # registry absent or the strategy needs options: fall back on the name
-        pass
-    return True
+    if strategy not in strategies.available():
+        return True
+    return strategies.strategy_class(strategy).mode == "sparse"
 
 
 def sanitise(value: Any) -> str:

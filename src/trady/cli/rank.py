@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from trady.errors import TradyError
     from trady.profiling import compute_profile
-    from trady.ranking import plot_profile
+    from trady.report import plot_profile
 
     if args.threads:
         torch.set_num_threads(args.threads)
