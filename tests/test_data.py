@@ -105,6 +105,18 @@ def test_fashion_mnist_idx_roundtrip(tmp_path, gz):
         assert y.tolist() == labels[[3, 0, 5]].tolist()
 
 
+def test_fashion_mnist_folder_from_environment(tmp_path, monkeypatch):
+    data = write_fashion(tmp_path / "elsewhere", n_train=20, n_test=10)
+    monkeypatch.setenv("TRADY_FASHION_MNIST_DIR", str(tmp_path / "elsewhere"))
+    pair = load_dataset("fashion-mnist")
+    assert len(pair.train) == 20 and len(pair.test) == 10
+    assert torch.equal(pair.train.images[:, 0], torch.from_numpy(data["train"][0]))
+    monkeypatch.setenv("TRADY_FASHION_MNIST_DIR", str(tmp_path / "missing"))
+    with pytest.raises(TradyError, match="missing"):
+        load_dataset("fashion-mnist")
+    assert len(load_dataset("fashion-mnist", data_dir=tmp_path / "elsewhere").test) == 10  # data_dir wins
+
+
 def test_fashion_mnist_parent_folder_accepted(tmp_path):
     write_fashion(tmp_path / "fashion-mnist")
     pair = load_dataset("FASHION_MNIST", data_dir=tmp_path)

@@ -65,10 +65,6 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def is_main() -> bool:
-    return rank_world()[0] == 0
-
-
 def backend_for(device: str | torch.device) -> str:
     """nccl for CUDA devices, gloo otherwise."""
     return "nccl" if resolve_device(device).type == "cuda" else "gloo"
@@ -131,11 +127,6 @@ def cleanup() -> None:
     """Destroy the default process group (when one exists)."""
     if is_initialized():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 # --------------------------------------------------------------------------------------------------
