@@ -18,15 +18,12 @@ from pathlib import Path
 
 from trady.bench import TARGETS, EngineBenchConfig, environment, format_result, run_engine_bench
 from trady.io import write_json, write_text
+from trady.text import mib
 
 HERE = Path(__file__).resolve().parent
 MODELS = ["mobilenet_v2", "mcunet-in1"]
 BUDGETS = ["2.2%", "5.3%", "7.5%"]
 TARGET_BUDGET = "2.2%"  # the issue states its targets for this budget
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f}"
 
 
 def _ms(s: float) -> str:
@@ -53,10 +50,11 @@ def markdown(results: list[dict], env: dict, command: str) -> str:
         s, q, t = r["setup"], r["ratios"], r["targets"]
         met = sum(v["met"] for v in t.values())
         missed = [k for k, v in t.items() if not v["met"]]
+        full, sim, eng = (mib(r[f"{v}_saved_bytes"], 1, "") for v in ("full", "simulation", "engine"))
         lines.append(
             f"| {r['model']} | {s['budget']} ({s['selected_units']} units) | {s['selected_channels']} "
-            f"({s['selected_layers']}) | {_mib(r['full_saved_bytes'])} / {_mib(r['simulation_saved_bytes'])} / "
-            f"{_mib(r['engine_saved_bytes'])} | {q['full_over_engine_saved_bytes']:.0f}x | {_ms(r['full_step_s'])} / "
+            f"({s['selected_layers']}) | {full} / {sim} / "
+            f"{eng} | {q['full_over_engine_saved_bytes']:.0f}x | {_ms(r['full_step_s'])} / "
             f"{_ms(r['simulation_step_s'])} / {_ms(r['engine_step_s'])} / {_ms(r['forward_step_s'])} | "
             f"{q['engine_over_simulation_step']:.2f} | {q['engine_over_forward_step']:.2f} | "
             f"{q['engine_over_forward_step_cpu']:.2f} | "
