@@ -75,21 +75,6 @@ def strategy_class(name: str) -> type[Strategy]:
     return _REGISTRY[name]
 
 
-def in_display_order(names: Iterable[str]) -> list[str]:
-    """Strategy names in the order reports show them: the registered sparse strategies by their
-    `display_order`, then names the registry does not know (alphabetically), then the non-sparse
-    references (full, classifier, bias) by their `display_order`."""
-    names = set(names)
-
-    def key(n: str) -> tuple[int, str]:
-        return (_REGISTRY[n].display_order, n)
-
-    sparse = sorted((n for n in names if n in _REGISTRY and _REGISTRY[n].mode == "sparse"), key=key)
-    refs = sorted((n for n in names if n in _REGISTRY and _REGISTRY[n].mode != "sparse"), key=key)
-    rest = sorted(n for n in names if n not in _REGISTRY)
-    return sparse + rest + refs
-
-
 def get(name: str, **options: Any) -> Strategy:
     """Build the strategy registered as `name` with its options (unknown ones are an error)."""
     if name not in _REGISTRY:
@@ -323,8 +308,7 @@ class _TopKRandom(Strategy):
 class TraDy(_TopKRandom):
     """D-TopK Random: uniform random channels of the profile's top-K layers, redrawn every epoch."""
 
-    display_order = 51
-    colour = "#d62728"
+    display_order, colour = 51, "#d62728"
     dynamic = True
 
 
@@ -332,8 +316,7 @@ class TraDy(_TopKRandom):
 class STopKRandom(_TopKRandom):
     """S-TopK Random: uniform random channels of the top-K layers, chosen once."""
 
-    display_order = 50
-    colour = "#ff9896"
+    display_order, colour = 50, "#ff9896"
     dynamic = False
 
 
@@ -347,8 +330,7 @@ class _FullRandom(Strategy):
 class DFullRandom(_FullRandom):
     """Uniform random channels over every layer, redrawn every epoch."""
 
-    display_order = 31
-    colour = "#2ca02c"
+    display_order, colour = 31, "#2ca02c"
     dynamic = True
 
 
@@ -356,8 +338,7 @@ class DFullRandom(_FullRandom):
 class SFullRandom(_FullRandom):
     """Uniform random channels over every layer, chosen once."""
 
-    display_order = 30
-    colour = "#98df8a"
+    display_order, colour = 30, "#98df8a"
     dynamic = False
 
 
@@ -394,8 +375,7 @@ class _DetRGN(Strategy):
 class DDetRGN(_DetRGN):
     """Channels by decreasing RGN_c = ||g_c|| / (C^W_c + C^A_c) of a full gradient, every epoch."""
 
-    display_order = 41
-    colour = "#1f77b4"
+    display_order, colour = 41, "#1f77b4"
     dynamic = True
 
 
@@ -403,8 +383,7 @@ class DDetRGN(_DetRGN):
 class SDetRGN(_DetRGN):
     """Channels by decreasing RGN_c of a full gradient computed once, at the start."""
 
-    display_order = 40
-    colour = "#aec7e8"
+    display_order, colour = 40, "#aec7e8"
     dynamic = False
 
 
@@ -423,8 +402,7 @@ class MeDyate(Strategy):
     gradient norm; channels never measured get the largest measured norm so that they are explored.
     """
 
-    display_order = 60
-    colour = "#ff7f0e"
+    display_order, colour = 60, "#ff7f0e"
     dynamic = True
     grad_source = "running"
 
@@ -508,8 +486,7 @@ class SUMagnitude(Strategy):
     """Static: layers from the classifier end downwards, `ratio` of each layer's input channels with
     the largest weight magnitude (L2 norm of the channel's weight slice), until the budget is full."""
 
-    display_order = 20
-    colour = "#9467bd"
+    display_order, colour = 20, "#9467bd"
     dynamic = False
 
     def __init__(self, *, ratio: float = 0.5) -> None:
@@ -548,8 +525,7 @@ class _Mode(Strategy):
 class Full(_Mode):
     """Full fine-tuning (every weight; no budget)."""
 
-    display_order = 92
-    colour = "#000000"
+    display_order, colour = 92, "#000000"
     mode = "full"
 
 
@@ -557,8 +533,7 @@ class Full(_Mode):
 class ClassifierOnly(_Mode):
     """Only the classifier is trained."""
 
-    display_order = 91
-    colour = "#7f7f7f"
+    display_order, colour = 91, "#7f7f7f"
     mode = "classifier"
 
 
@@ -566,8 +541,7 @@ class ClassifierOnly(_Mode):
 class BiasAndClassifier(_Mode):
     """Biases and the classifier are trained (TinyTL-style)."""
 
-    display_order = 90
-    colour = "#8c564b"
+    display_order, colour = 90, "#8c564b"
     mode = "bias"
 
 
@@ -583,7 +557,6 @@ __all__ = [
     "Strategy",
     "available",
     "check_budget",
-    "in_display_order",
     "fill_budget",
     "uniform_candidates",
     "get",

@@ -19,11 +19,19 @@ from trady.report.runs import EFFICIENCY_KEYS, Run, RunSet, load_runs
 
 
 def strategy_order(names: Iterable[str]) -> list[str]:
-    """Display order, from the strategy registry's attributes (strategies.in_display_order): the
-    sparse strategies, then names the registry does not know, then the references."""
-    from trady.strategies import in_display_order  # imports torch: only when a report is made
+    """Strategy names in the order reports show them, from the registry's attributes: the sparse
+    strategies by `display_order`, then names the registry does not know (alphabetically), then the
+    non-sparse references (mode full, classifier, bias) by `display_order`."""
+    from trady import strategies  # imports torch: only when a report is made
 
-    return in_display_order(names)
+    names = set(names)
+    known = {n: strategies.strategy_class(n) for n in names if n in strategies.available()}
+
+    def by_order(group: Iterable[str]) -> list[str]:
+        return sorted(group, key=lambda n: (known[n].display_order, n))
+
+    return (by_order(n for n in known if known[n].mode == "sparse") + sorted(names - set(known))
+            + by_order(n for n in known if known[n].mode != "sparse"))
 
 
 def _num(v: Any) -> float | None:
