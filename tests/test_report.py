@@ -258,3 +258,16 @@ def test_peak_memory_column_only_when_summaries_carry_it(results):
     assert "| peak memory (measured) |" in md
     assert "| trady | 27,946 (2.2%) | 3 | 90.0% | 85.0% | 88.0% | 109.2 KiB | 2.9 MiB | 4.0 MiB |" in md
     assert "| trady | 93,696 (7.5%) | 3 | 90.0% | 85.0% | 88.0% | 366.0 KiB | 2.9 MiB | - |" in md
+
+
+def test_strategy_order_comes_from_the_registry():
+    from trady import strategies
+    from trady.report import strategy_order
+
+    names = ["full", "zz-unregistered", "trady", "s-topk-random", "bias", "d-det-rgn"]
+    order = strategy_order(names)
+    sparse = [n for n in order if n in strategies.available() and strategies.strategy_class(n).mode == "sparse"]
+    assert sparse == sorted(sparse, key=lambda n: strategies.strategy_class(n).display_order)
+    assert order[len(sparse)] == "zz-unregistered"  # unknown names after the sparse strategies
+    assert order[len(sparse) + 1:] == ["bias", "full"]  # the references last
+    assert order.index("s-topk-random") + 1 == order.index("trady")  # static twin right before its dynamic
