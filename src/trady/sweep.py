@@ -16,7 +16,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import sys
 import time
 import traceback
@@ -30,7 +29,7 @@ from typing import Any
 from trady.config import CHECKPOINT, NON_RESULT_SETTINGS, FinetuneConfig
 from trady.errors import TradyError, unknown_name
 from trady.io import write_json, write_text
-from trady.text import render_table
+from trady.text import render_table, sanitise
 
 # Grid axes and the FinetuneConfig field each one sets.
 AXES = {"models": "model", "datasets": "data", "budgets": "budget", "strategies": "strategy", "seeds": "seed"}
@@ -48,14 +47,6 @@ def is_sparse(strategy: str) -> bool:
     if strategy not in strategies.available():
         return True
     return strategies.strategy_class(strategy).mode == "sparse"
-
-
-def sanitise(value: Any) -> str:
-    """A file-name-safe, readable form of a grid value ("2.2%" -> "2.2pct", "/a/b" -> "a-b")."""
-    text = str(value).replace("%", "pct")
-    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
-    text = re.sub(r"-{2,}", "-", text).strip("-.")
-    return text or "x"
 
 
 @dataclass(frozen=True)

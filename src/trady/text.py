@@ -1,4 +1,5 @@
-"""Text for people: bytes, percentages and errors as short strings, and plain or Markdown tables.
+"""Text for people: bytes, percentages and errors as short strings, plain or Markdown tables, and
+file-name-safe forms of values.
 
 One place for what the CLI commands, the report and the benchmarks print, so that a figure reads
 the same everywhere. No domain logic here: callers pass numbers and cells.
@@ -6,7 +7,9 @@ the same everywhere. No domain logic here: callers pass numbers and cells.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Any
 
 _BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
 
@@ -35,6 +38,14 @@ def one_line(err: BaseException | str, limit: int = 300) -> str:
     """An error message on one line, cut to `limit` characters (for one-line TradyErrors)."""
     text = " ".join(str(err).split())
     return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def sanitise(value: Any) -> str:
+    """A file-name-safe, readable form of a value ("2.2%" -> "2.2pct", "/a/b" -> "a-b")."""
+    text = str(value).replace("%", "pct")
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+    text = re.sub(r"-{2,}", "-", text).strip("-.")
+    return text or "x"
 
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool = False,

@@ -16,6 +16,7 @@ from trady.ranking import RankingProfile
 from trady.report.runs import Run
 from trady.report.stats import epoch_curves, strategy_order
 from trady.report.tables import budget_label, by_model_dataset
+from trady.text import sanitise
 
 # Strategies the registry does not know (and registered ones without a colour) take these in turn.
 _SPARE_COLOURS = ["#17becf", "#e377c2", "#bcbd22", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#c5b0d5"]
@@ -51,8 +52,6 @@ def _figure(w: float, h: float):
 
 
 def file_name(*parts: Any) -> str:
-    from trady.sweep import sanitise
-
     return "__".join(sanitise(p) for p in parts) + ".png"
 
 
