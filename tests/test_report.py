@@ -244,7 +244,7 @@ def test_missing_folder_is_an_error(tmp_path):
 
 def test_peak_memory_column_only_when_summaries_carry_it(results):
     plain = build_report(results, plots=False)
-    assert "peak memory" not in (results / "report" / "report.md").read_text()
+    assert "step peak" not in (results / "report" / "report.md").read_text()
     assert all(r["peak_memory_bytes"] is None for r in plain["rows"])
     for seed, peak in enumerate([3 * 2**20, 4 * 2**20, 5 * 2**20]):  # trady at 27946 units: mean 4 MiB
         path = results / f"mbv2-w0.35__fashion-mnist__trady__b27946__s{seed}" / "summary.json"
@@ -255,7 +255,7 @@ def test_peak_memory_column_only_when_summaries_carry_it(results):
     assert _row(report, "trady", 27946)["peak_memory_bytes"] == 4 * 2**20
     assert _row(report, "trady", 93696)["peak_memory_bytes"] is None
     md = (results / "report" / "report.md").read_text()
-    assert "| peak memory (measured) |" in md
+    assert "| measured step peak |" in md
     assert "| trady | 27,946 (2.2%) | 3 | 90.0% | 85.0% | 88.0% | 109.2 KiB | 2.9 MiB | 4.0 MiB |" in md
     assert "| trady | 93,696 (7.5%) | 3 | 90.0% | 85.0% | 88.0% | 366.0 KiB | 2.9 MiB | - |" in md
 

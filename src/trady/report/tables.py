@@ -70,7 +70,7 @@ def efficiency_tables(report: dict, markdown: bool = False) -> list[tuple[str, s
     for (model, dataset), rows in by_model_dataset(report["rows"]).items():
         peak = any(r.get("peak_memory_bytes") is not None for r in rows)
         header = ["strategy", "budget", "seeds", "act. sparsity", "weight sparsity", "FLOPs saved",
-                  "budgeted bytes", "saved bytes"] + (["peak memory (measured)"] if peak else [])
+                  "budgeted bytes", "saved bytes"] + (["measured step peak"] if peak else [])
         body = [[r["strategy"], budget_label(r["budget_units"], r["budget_pct"]), str(r["seeds"]),
                  pct(r["activation_sparsity"]), pct(r["weight_sparsity"]),
                  pct(r["flops_reduction"]), fmt_bytes(r["measured_budgeted_bytes"]),
