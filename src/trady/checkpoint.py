@@ -22,6 +22,7 @@ from trady.errors import TradyError
 from trady.io import load_torch
 from trady.models.weights import load_into
 from trady.run_state import Run
+from trady.text import one_line
 
 CHECKPOINT_FORMAT = "trady-checkpoint-2"
 RUN_FILES = (CHECKPOINT, "metrics.jsonl", "summary.json")  # what a fresh start replaces
@@ -180,8 +181,3 @@ def clear_stale(out: Path, fresh: bool) -> None:
             tmp.unlink(missing_ok=True)
         if fresh and name != "config.json":
             (out / name).unlink(missing_ok=True)
-
-
-def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:300] + ("..." if len(text) > 300 else "")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trady import distributed
-from trady.checkpoint import CHECKPOINT, checkpoint_state, clear_stale, load_checkpoint, one_line, restore
+from trady.checkpoint import CHECKPOINT, checkpoint_state, clear_stale, load_checkpoint, restore
 from trady.config import FinetuneConfig
 from trady.costs import Selection
 from trady.errors import TradyError
@@ -37,6 +37,7 @@ from trady.measure import PEAK_MEASURE, PeakMeter, measure_saved_bytes
 from trady.microbatch import accumulate_gradients
 from trady.run_state import Run, make_optimizer, setup
 from trady.schedule import lr_at
+from trady.text import one_line
 
 __all__ = ["CHECKPOINT", "NonFiniteLoss", "Run", "finetune", "load_checkpoint", "setup"]
 
