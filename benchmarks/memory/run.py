@@ -11,6 +11,7 @@ one inference forward, from the allocator's accounting).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
@@ -21,6 +22,7 @@ from trady.bench import environment
 from trady.io import write_json, write_text
 from trady.memory_bench import MemoryBenchConfig, bench_memory, format_result, time_micro_batches
 from trady.memory_timeline import format_timeline, timeline_for
+from trady.text import mib
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,8 +40,7 @@ def grid(quick: bool) -> list[MemoryBenchConfig]:
     return out
 
 
-def _mib(n) -> str:
-    return f"{n / 2**20:.1f}"
+_mib = functools.partial(mib, digits=1, unit="")  # MiB cells of the table (trady.text)
 
 
 def _range(r: dict, v: str) -> str:

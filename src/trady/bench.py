@@ -47,6 +47,7 @@ from torch import nn
 from trady.costs import CostTable, Selection, analyze, parse_budget
 from trady.errors import TradyError, unknown_name
 from trady.measure import PeakMeter, measure_saved_bytes
+from trady.text import mib
 from trady.variants import StepInputs, StepVariant, simulation_masks  # noqa: F401 (bench.simulation_masks)
 from trady.variants import build as build_variant
 
@@ -459,10 +460,6 @@ def run_engine_bench(config: EngineBenchConfig, model: nn.Module | None = None) 
     return result
 
 
-def _mib(n: int | float) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
 def format_result(r: dict) -> str:
     """A human-readable table of one benchmark result."""
     s = r["setup"]
@@ -481,16 +478,16 @@ def format_result(r: dict) -> str:
         t, c = r[f"{v}_step_s"], r.get(f"{v}_step_cpu_s")
         cpu = f"{c * 1e3:>10.1f} ms{c / fwd_cpu:>10.2f}x" if c is not None and fwd_cpu else f"{'-':>13}{'-':>11}"
         lines.append(
-            f"{v:<16}{_mib(saved) if saved is not None else '-':>20}{_mib(grad) if grad is not None else '-':>14}"
+            f"{v:<16}{mib(saved) if saved is not None else '-':>20}{mib(grad) if grad is not None else '-':>14}"
             f"{t * 1e3:>13.1f} ms{t / fwd if fwd else float('nan'):>10.2f}x{cpu}"
         )
     lines += [
         "",
         f"engine budgeted bytes: measured {r['engine_budgeted_bytes']} / analytic {r['analytic_budgeted_bytes']}"
-        f"  (rest kept: {_mib(r['engine_rest_saved_bytes'])})",
+        f"  (rest kept: {mib(r['engine_rest_saved_bytes'])})",
     ]
     if r.get("cuda_peak_delta_bytes"):
-        peaks = ", ".join(f"{v} {_mib(b)}" for v, b in r["cuda_peak_delta_bytes"].items())
+        peaks = ", ".join(f"{v} {mib(b)}" for v, b in r["cuda_peak_delta_bytes"].items())
         lines.append(f"CUDA peak allocated during a step: {peaks}")
     lines.append("")
     for key, t in r["targets"].items():

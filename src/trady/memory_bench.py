@@ -18,6 +18,7 @@ plus <variant>_peak_samples, <variant>_step_s (median step time inside its proce
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from trady.errors import TradyError
+from trady.text import mib
 
 MEMORY_VARIANTS = ("inference", "engine", "freeze", "full")
 TARGETS = {  # the targets at 128 px, batch 32, 2.2%
@@ -281,8 +283,7 @@ def check_targets(rat: dict[str, float], micro: bool) -> dict[str, dict]:
     return out
 
 
-def _mib(n) -> str:
-    return f"{n / 2**20:.1f}"
+_mib = functools.partial(mib, digits=1, unit="")  # MiB cells of the table (trady.text)
 
 
 def format_result(r: dict) -> str:

@@ -9,8 +9,11 @@ segment of the engine step whose live bytes exceed inference's peak, with what i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from trady.text import mib
 from trady.timeline import StepProfile, plot_timelines, profile_step
 
 
@@ -77,8 +80,7 @@ def timeline_for(config, png_path: str) -> dict:
     }
 
 
-def _mib(n) -> str:
-    return f"{n / 2**20:.1f}" if n is not None else "-"
+_mib = functools.partial(mib, digits=1, unit="")  # MiB cells of the table (trady.text)
 
 
 def format_timeline(t: dict) -> str:

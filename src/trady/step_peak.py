@@ -18,7 +18,11 @@ Step-time floor (in forwards): 1 + the share of forward FLOPs at and above the l
 
 from __future__ import annotations
 
+import functools
+
 import torch.nn.functional as F
+
+from trady.text import mib
 
 
 def _forward_macs(costs, name: str) -> int:
@@ -111,8 +115,7 @@ def predict_step_peak(
 
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+_mib = functools.partial(mib, digits=1)  # trady.text
 
 
 def format_prediction(p: dict) -> str:
