@@ -112,6 +112,7 @@ class SUPublished(Strategy):
     scheme: a memory level of the model's schemes (e.g. "49kb"); None: the largest that fits the budget.
     """
 
+    display_order, colour = 10, "#9467bd"  # first in reports; the SU family's hue (su-magnitude)
     dynamic = False
 
     def __init__(self, *, scheme: str | None = None) -> None:
