@@ -371,10 +371,6 @@ def test_batch_loader_set_epoch_replays_exactly():
     for (x1, y1), (x2, y2), (x3, y3) in zip(first, replay, collect(fresh)):
         assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(x1, x3) and torch.equal(y1, y3)
     assert any(not torch.equal(y1, y2) for (_, y1), (_, y2) in zip(first, other))
-    # resuming mid-epoch gives the remaining batches of the same epoch
-    fresh.set_epoch(3, start_batch=2)
-    for (x1, y1), (x2, y2) in zip(first[2:], collect(fresh), strict=True):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
     other_seed = BatchLoader(ds, 4, t, shuffle=True, seed=12)
     other_seed.set_epoch(3)
     assert any(not torch.equal(y1, y2) for (_, y1), (_, y2) in zip(first, collect(other_seed)))

@@ -55,7 +55,6 @@ class BatchLoader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.epoch = 0
-        self.start_batch = 0
 
     @property
     def global_batch_size(self) -> int:
@@ -70,11 +69,9 @@ class BatchLoader:
     def __len__(self) -> int:
         return math.ceil(self._epoch_samples() / self.global_batch_size)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch to iterate (its order and augmentation depend only on seed and epoch);
-        `start_batch` skips the first batches, to resume in the middle of an epoch."""
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate (its order and augmentation depend only on seed and epoch)."""
         self.epoch = int(epoch)
-        self.start_batch = int(start_batch)
 
     def _global_batches(self) -> list[torch.Tensor]:
         n = len(self.dataset)
@@ -95,8 +92,6 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step, g in enumerate(self._global_batches()):
-            if step < self.start_batch:
-                continue
             k = g.shape[0] // self.world_size
             lo, hi = self.rank * k, (self.rank + 1) * k
             images, labels = self.dataset.get_batch(g[lo:hi])
