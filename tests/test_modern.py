@@ -17,26 +17,12 @@ from torch import nn
 from trady import lowbit
 from trady.engine import EngineConfig, SparseEngine, measure_saved_bytes
 from trady.errors import TradyError
-from trady.models.modern import SMALL, MBConv
+from trady.models.modern import SMALL, MBConv, calibrate_batchnorm
 
 BATCH = 4
 # name -> (input resolution, bytes-ratio target vs stock freezing) (issue 13)
 TARGETS = {"efficientnet_b0_like": (96, 10.0), "mobilenet_v3_like": (96, 10.0), "convnext_like": (64, 4.0),
            "vit_like": (32, 4.0)}  # fmt: skip
-
-
-def calibrated(model: nn.Module, res: int, seed: int = 0) -> nn.Module:
-    """BatchNorm statistics from a few random batches: pre-activations normalised, as in a trained net."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, res, res, generator=g))
-    return model.eval()
 
 
 def selection_of(engine: SparseEngine, seed: int = 0, layers: int = 6) -> dict[str, list[int]]:
@@ -67,7 +53,7 @@ def stock_saved_bytes(model: nn.Module, selection, x, w) -> int:
 def test_default_config_meets_the_targets(name: str) -> None:
     res, target = TARGETS[name]
     torch.manual_seed(0)
-    model = calibrated(SMALL[name][0](), res)
+    model = calibrate_batchnorm(SMALL[name][0](), res)
     x = torch.randn(BATCH, 3, res, res, generator=torch.Generator().manual_seed(1))
     w = torch.randn(BATCH, 10, generator=torch.Generator().manual_seed(2))
     dense = copy.deepcopy(model)

@@ -28,7 +28,7 @@ from torch import nn
 from trady.bench import environment
 from trady.engine import EngineConfig, SparseEngine, measure_saved_bytes
 from trady.io import write_json, write_text
-from trady.models.modern import SMALL, ConvNeXtBlock, MBConv
+from trady.models.modern import SMALL, ConvNeXtBlock, MBConv, calibrate_batchnorm
 
 HERE = Path(__file__).resolve().parent
 COMMAND = "PYTHONPATH=src python benchmarks/architectures/run.py"
@@ -52,19 +52,6 @@ SEEDS = (0, 1, 2)
 BATCH = 4
 
 
-def calibrated(model: nn.Module, res: int) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, res, res, generator=g))
-    return model.eval()
-
-
 def weight_of(module: nn.Module) -> torch.Tensor:
     return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
 
@@ -79,7 +66,7 @@ def selection_of(engine: SparseEngine, seed: int) -> dict[str, list[int]]:
 def measure(name: str, config: EngineConfig, seed: int) -> dict:
     res = RESOLUTION[name]
     torch.manual_seed(0)
-    model = calibrated(SMALL[name][0](), res)
+    model = calibrate_batchnorm(SMALL[name][0](), res)
     x = torch.randn(BATCH, 3, res, res, generator=torch.Generator().manual_seed(1 + seed))
     w = torch.randn(BATCH, 10, generator=torch.Generator().manual_seed(2))
     dense, stock = copy.deepcopy(model), copy.deepcopy(model)

@@ -228,3 +228,18 @@ SMALL = {
     "convnext_like": (convnext_like, 32),
     "vit_like": (vit_like, 32),
 }
+
+
+def calibrate_batchnorm(model: nn.Module, resolution: int, seed: int = 0) -> nn.Module:
+    """BatchNorm statistics from a few seeded random batches, then eval mode: the pre-activations of
+    these randomly initialised models are normalised as in a trained network (tests, benchmarks)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, resolution, resolution, generator=g))
+    return model.eval()
