@@ -177,3 +177,16 @@ def channel_mask(weight: torch.Tensor, groups: int, channels: torch.Tensor) -> t
         g, local = divmod(c, per_group_in)
         mask[g * per_group_out : (g + 1) * per_group_out, local] = True
     return mask
+
+
+class SiluNet(torch.nn.Module):
+    """Two convs with functional SiLU (routed by the engine's functional-call mode), a pooled linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.silu(self.c2(torch.nn.functional.silu(self.c1(x))))
+        return self.fc(x.mean((-2, -1)))

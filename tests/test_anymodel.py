@@ -290,3 +290,30 @@ def test_finetune_resample_every_redraws_within_each_epoch(tmp_path, profile):
     draws = [{k: v.tolist() for k, v in d.items()} for d in run.tuner.epoch_selections]
     assert len(draws) == 2 and draws[0] != draws[1]
     assert all(0 < run.costs.selection_units(d) <= run.budget_units for d in run.tuner.epoch_selections)
+
+
+def test_resample_every_redraw_steps_run_in_the_functional_call_mode(monkeypatch):
+    """Every training forward routes F.silu to the few-bit path, those that redraw first included (the
+    redraw's strict path check runs a nested forward, which must not leave the outer forward's mode)."""
+    from helpers import SiluNet
+    from trady import activations
+
+    torch.manual_seed(0)
+    model, x, y = SiluNet().eval(), torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    tuner = trady.Tuner(model, x[:1], strategy="s-full-random", budget="40%", resample_every=1)
+    optimizer = torch.optim.SGD(tuner.start_epoch(1), lr=0.05)
+    calls = []
+    few_bit = activations.few_bit
+    monkeypatch.setattr(activations, "few_bit", lambda *a, **k: calls.append(1) or few_bit(*a, **k))
+    model.register_forward_pre_hook(lambda m, a: calls.clear())  # after the redraw: the outer forward's calls
+    routed, expected = [], []
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        routed.append(len(calls))
+        expected.append(1 + ("c1" in tuner.selection))  # silu(c1(x)) needs grad only when c1 trains
+        tuner.step()
+    assert tuner.draw == 2
+    assert routed == expected, routed
+    tuner.restore()

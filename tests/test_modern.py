@@ -357,3 +357,31 @@ def test_recompute_names_must_exist() -> None:
     with pytest.raises(TradyError, match="unknown module to recompute 'blocks.7'"):
         SparseEngine(model, x, EngineConfig(recompute=("blocks.7",)))
     assert "forward" not in vars(model.blocks[0])
+
+
+def test_a_forward_nested_in_a_forward_hook_keeps_the_outer_forward_in_the_mode(monkeypatch):
+    """A hook (after the engine's) that re-selects runs the strict check's nested forward inside the outer
+    one: only the outermost root call enters/leaves the functional-call mode, so the outer F.silu stays routed."""
+    from helpers import SiluNet
+    from trady import activations
+    from trady.engine import SparseEngine
+
+    torch.manual_seed(0)
+    model, x = SiluNet().eval(), torch.randn(2, 3, 8, 8)
+    engine = SparseEngine(model, x[:1])
+    engine.select({"c1": [0], "c2": [1]})
+    calls = []
+    few_bit = activations.few_bit
+    monkeypatch.setattr(activations, "few_bit", lambda *a, **k: calls.append(1) or few_bit(*a, **k))
+    pending = [True]
+
+    def reselect_once(module, args):
+        if pending:
+            pending.clear()
+            engine.select({"c1": [2], "c2": [3]})  # its strict check runs model(example) inside this forward
+            calls.clear()
+
+    model.register_forward_pre_hook(reselect_once)
+    model(x).sum().backward()
+    assert len(calls) == 2 and engine.slice_parameters()[0].grad is not None
+    engine.restore()

@@ -124,7 +124,7 @@ class SparseEngine:
         self._hooks: list = []
         self._guarded: dict[str, str] = {}  # strict: module name -> kind of every guarded module
         self._offenders: dict[str, str] = {}  # guarded modules met on the backprop path in this forward
-        self._in_forward = False
+        self._forward_depth = 0  # nested model forwards (a forward inside a forward hook): only the outermost counts
         self._bn_notice = [False]  # model.train() warning: once per engine
         self._slice_optimizers: weakref.WeakSet = weakref.WeakSet()  # optimizers seen stepping the slices
         self._steps_without_slices = 0  # steps of an optimizer holding the classifier but no slice
@@ -192,7 +192,7 @@ class SparseEngine:
         self._hooks += modern.install(self)  # functional calls (F.silu, x * gate, ...) in the forward code
         if self._guarded:
             self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._enter_forward()))
-            self._hooks.append(model.register_forward_hook(lambda m, a, out: self._leave_forward()))
+            self._hooks.append(model.register_forward_hook(lambda m, a, out: self._leave_forward(), always_call=True))
 
     def _fold_batchnorms(self, example_input: torch.Tensor) -> None:
         """Fold each frozen BatchNorm that takes exactly the output of the prepared Conv2d before it.
@@ -279,19 +279,20 @@ class SparseEngine:
                 p.requires_grad for p in module.parameters(recurse=False)
             ):
                 e._offenders[name] = e._guarded[name]
-                if not e._in_forward:  # called outside the model's forward: nothing to collect
+                if not e._forward_depth:  # called outside the model's forward: nothing to collect
                     e._raise_offenders()
             return None
 
         return hook
 
     def _enter_forward(self) -> None:
-        self._in_forward = True
-        self._offenders.clear()
+        self._forward_depth += 1
+        if self._forward_depth == 1:
+            self._offenders.clear()
 
     def _leave_forward(self) -> None:
-        self._in_forward = False
-        if self._offenders:
+        self._forward_depth = max(0, self._forward_depth - 1)
+        if not self._forward_depth and self._offenders:
             self._raise_offenders()
 
     def _raise_offenders(self) -> None:

@@ -69,6 +69,7 @@ class FunctionalCalls(TorchFunctionMode):
         self.stack: list[tuple[str, bool]] = []
         self.skip: set[tuple] = set()  # storages of parameters and buffers
         self.active = False
+        self.roots: list[int] = []  # the stack's length at each (nested) root forward: only the outermost enters
         self.offenders: dict[str, str] = {}  # strict: "function in module" -> what it keeps, this forward
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -154,7 +155,9 @@ def install(
     handles = []
 
     def root_pre(module, args):
-        if not mode.stack and not mode.active:
+        # Re-entrant: a forward run inside the model's forward (a hook's select() -> strict path check)
+        # neither enters nor leaves the mode; only the outermost call does.
+        if not mode.roots and not mode.active:
             if torch.is_grad_enabled():
                 mode.offenders.clear()
                 mode.skip = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
@@ -162,15 +165,14 @@ def install(
                 mode.active = True
             else:
                 sync()
+        mode.roots.append(len(mode.stack))
         mode.stack.append(("", passes_through(model)))
 
     def root_post(module, args, output):
-        # Also after an exception (always_call): the outermost call clears the stack and leaves the mode.
-        if mode.stack and mode.stack[0][0] == "" and len(mode.stack) > 1:
-            del mode.stack[1:]
-        if mode.stack:
-            mode.stack.pop()
-        if not mode.stack and mode.active:
+        # Also after an exception (always_call): each root call drops what it pushed; the outermost leaves the mode.
+        if mode.roots:
+            del mode.stack[mode.roots.pop() :]
+        if not mode.roots and mode.active:
             mode.active = False
             mode.__exit__(None, None, None)
             mode.raise_offenders()

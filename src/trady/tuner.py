@@ -145,7 +145,9 @@ class Tuner:
         self._due = False  # a resample_every redraw waits for the next training forward
         self._forward_hook = None
         if self.resample_every is not None and self.mode == "sparse":
-            self._forward_hook = model.register_forward_pre_hook(self._redraw_if_due)
+            # prepend: the redraw (whose strict path check runs a forward) comes before the engine's root hooks
+            # enter the functional-call mode for this forward
+            self._forward_hook = model.register_forward_pre_hook(self._redraw_if_due, prepend=True)
         self.restored = False
 
     # -- budget: the one place that decides what a budget means for this model ----------------------
