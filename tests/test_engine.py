@@ -1056,26 +1056,6 @@ def test_multi_step_training_matches_dense_compiled_or_not(backend: str | None) 
         _close(state[k], v, f"{backend}: {k} after the schedule")
 
 
-def test_an_optimizer_holding_no_slice_raises() -> None:
-    """An optimizer over the classifier only (e.g. built from model.parameters()) trains no slice: raises."""
-    torch.manual_seed(0)
-    model = _small_net().eval()
-    x, y = torch.randn(2, 3, 10, 10), torch.randint(0, 5, (2,))
-    engine = SparseEngine(model, x[:1])
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    engine.select({"3": [1, 2]})
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
-    with pytest.raises(TradyError, match=r"none of the selected weight slices.*engine\.parameters\(\)"):
-        opt.step()
-    # two optimizers, one for the slices and one for the head: fine, in either order
-    slices_opt = torch.optim.SGD(engine.slice_parameters(), lr=0.1)
-    for _ in range(3):
-        opt.step()
-        slices_opt.step()
-    engine.restore()
-
-
 def test_measure_step_follows_the_input_size() -> None:
     """Prepared at 16 px, measured at 32 px: the analytic bytes are those of 32 px, equal to the measured."""
     torch.manual_seed(0)
@@ -1254,3 +1234,58 @@ def test_reselecting_the_same_channels_keeps_momentum() -> None:
     engine.select({"3": [1, 2], "6": [3]})
     assert engine.layers["3"].trady.w_slice is kept and torch.equal(opt.state[kept]["momentum_buffer"], buf)
     assert engine.layers["6"].trady.w_slice is changed and changed not in opt.state
+
+
+def test_loaded_optimizer_state_for_other_channels_is_dropped() -> None:
+    """SGD momentum loaded from a state dict (a resume) made for other channels of the same count: the step
+    equals a fresh-state step (hand computed: lr * grad); for the same channels the momentum carries on."""
+    torch.manual_seed(0)
+    model = _small_net().eval()
+    x, y = torch.randn(2, 3, 10, 10), torch.randint(0, 5, (2,))
+    engine = SparseEngine(model, x[:1])
+    lr, mom = 0.1, 0.9
+
+    def step(opt):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        w = model.get_submodule("3").trady.w_slice
+        before, grad = w.detach().clone(), w.grad.detach().clone()
+        opt.step()
+        return before, grad, w.detach().clone()
+
+    engine.select({"3": [1, 2]})
+    opt = torch.optim.SGD(engine.parameters(), lr=lr, momentum=mom)
+    step(opt), step(opt)
+    saved = copy.deepcopy(opt.state_dict())
+    buf = opt.state[model.get_submodule("3").trady.w_slice]["momentum_buffer"].clone()
+    for channels, carries in (([0, 3], False), ([1, 2], True)):
+        engine.select({"3": channels})
+        resumed = torch.optim.SGD(engine.parameters(), lr=lr, momentum=mom)
+        resumed.load_state_dict(saved)
+        before, grad, after = step(resumed)
+        expected = before - lr * (mom * buf + grad if carries else grad)
+        torch.testing.assert_close(after, expected, msg=f"channels {channels}")
+
+
+def test_an_optimizer_built_from_model_parameters_raises_a_head_only_one_does_not() -> None:
+    """model.parameters() holds the prepared layers' frozen full weights and no slice: raises at its first
+    step, naming a layer. A head-only optimizer next to one for the slices (stepping every second step,
+    or a head warm-up before any slice optimizer, LP-FT) is legitimate."""
+    torch.manual_seed(0)
+    model = _small_net().eval()
+    x, y = torch.randn(2, 3, 10, 10), torch.randint(0, 5, (2,))
+    engine = SparseEngine(model, x[:1])
+    engine.select({"3": [1, 2]})
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    stale = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TradyError, match=r"frozen weight of prepared layer '0'.*engine\.parameters\(\)"):
+        stale.step()
+    head = torch.optim.Adam(engine.classifier.parameters(), lr=0.01)
+    for _ in range(3):  # LP-FT: the head warms up alone
+        head.step()
+    slices_opt = torch.optim.SGD(engine.slice_parameters(), lr=0.1)
+    for i in range(4):
+        head.step()
+        if i % 2:
+            slices_opt.step()
+    engine.restore()

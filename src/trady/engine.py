@@ -127,7 +127,6 @@ class SparseEngine:
         self._forward_depth = 0  # nested model forwards (a forward inside a forward hook): only the outermost counts
         self._bn_notice = [False]  # model.train() warning: once per engine
         self._slice_optimizers: weakref.WeakSet = weakref.WeakSet()  # optimizers seen stepping the slices
-        self._steps_without_slices = 0  # steps of an optimizer holding the classifier but no slice
         self.layers: dict[str, nn.Module] = {}
         self.selection: Selection = {}
         self.restored = False
@@ -369,28 +368,27 @@ class SparseEngine:
                 none = torch.empty(0, dtype=torch.int64, device=module.weight.device)
                 st.w_slice.set_(ops.gather_slice(module.weight, none if idx is None else idx, slices.groups_of(module)))
             st.idx = idx
+            st.channels = () if idx is None else tuple(idx.tolist())
             st.w_slice.grad = None
             for optimizer in list(self._slice_optimizers):  # its state (momentum) was for other channels
                 optimizer.state.pop(st.w_slice, None)
         self.selection = canonical
-        self._steps_without_slices = 0
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer, ids: set[int]) -> None:
-        """Before a step: an optimizer holding the classifier but no slice, twice in a row, is stale."""
+        """Before a step: an optimizer holding a prepared layer's frozen full weight and no slice was built
+        from model.parameters(): it would never train a selected channel. A head-only one is fine."""
         if self.restored:
             return
         if any(id(m.trady.w_slice) in ids for m in self.layers.values()):
             self._slice_optimizers.add(optimizer)
-            self._steps_without_slices = 0
-        elif self.selection and any(id(p) in ids for p in self.classifier.parameters()):
-            self._steps_without_slices += 1
-            if self._steps_without_slices >= 2:
-                self._steps_without_slices = 0
-                raise TradyError(
-                    "this optimizer updates the classifier but none of the selected weight slices, and no "
-                    "optimizer stepped them since; accepted: an optimizer built from engine.parameters() "
-                    "(before or after select(); model.parameters() holds no slice)"
-                )
+            return
+        frozen = next((name for name, m in self.layers.items() if id(m.weight) in ids), None)
+        if frozen is not None:
+            raise TradyError(
+                f"this optimizer holds the frozen weight of prepared layer {frozen!r} but no weight slice (built "
+                "from model.parameters()?), so it never trains a selected channel; accepted: an optimizer built "
+                "from engine.parameters() or the tuner's start_epoch()/parameters() (before or after select())"
+            )
 
     def _reread_slices(self) -> None:
         for module in self.layers.values():

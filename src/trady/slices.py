@@ -5,7 +5,8 @@ the forward reads. After every optimizer step a public global step hook writes t
 their weights, so the forward never writes anything (correct under torch.compile, and a weight saved
 for backward is never bumped by a later forward). An eager forward also writes a slice that differs
 from its weight (an update outside torch.optim); a compiled one relies on the hook. The pre-step hook
-lets each live engine check the optimizer (`SparseEngine._check_optimizer`).
+lets each live engine check the optimizer (`SparseEngine._check_optimizer`) and drops any slice state
+(momentum, ...) not made for the slice's current channels, loaded state included (a tag in the state).
 """
 
 from __future__ import annotations
@@ -63,10 +64,24 @@ def _layer_of(p: torch.Tensor) -> nn.Module | None:
     return layer if st is not None and st.w_slice is p else None  # never a recycled id
 
 
+CHANNELS_KEY = "trady_channels"  # in a slice's optimizer state: the channels the state was made for
+
+
 def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for engine in list(ENGINES):
         engine._check_optimizer(optimizer, ids)
+    _drop_other_channels_state(optimizer)
+
+
+def _drop_other_channels_state(optimizer: torch.optim.Optimizer) -> None:
+    """A slice's state (momentum, Adam moments) made for other channels than the selected ones, or with no
+    tag (loaded from elsewhere), is dropped: the step then starts from fresh state, as after a re-selection."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and _layer_of(p) is not None and state.get(CHANNELS_KEY) != _layer_of(p).trady.channels:
+                del optimizer.state[p]
 
 
 def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -77,6 +92,9 @@ def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
             if layer is not None and layer.trady.idx is not None:
                 with torch.no_grad():
                     ops.scatter_slice_(layer.weight, layer.trady.idx, p, groups_of(layer))
+                state = optimizer.state.get(p)
+                if state:
+                    state[CHANNELS_KEY] = layer.trady.channels
 
 
 def install_step_hooks() -> None:

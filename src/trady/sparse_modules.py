@@ -35,6 +35,9 @@ class LayerState:
     # stays valid; select() resizes it in place, and it is empty (0 channels) while nothing is selected.
     w_slice: torch.Tensor
     idx: torch.Tensor | None = None  # selected input channels; None: the layer is frozen
+    # The selected channels as ints: the tag of the optimizer state made for them (slices._before_step drops
+    # any state, loaded ones included, whose tag differs: another draw's momentum never carries over).
+    channels: tuple[int, ...] = ()
     on_saved: Callable[[torch.Tensor], None] | None = None  # measurement callback for kept slices
     fold: nn.Module | None = None  # Conv2d only: the FoldedBatchNorm2d applied to its output, if any
 
