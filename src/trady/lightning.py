@@ -9,9 +9,11 @@ called in its forward is the head, or `EngineConfig(classifier=...)`) and adds e
 tensor to the first param group of the optimizer that `configure_optimizers` returned (the engine
 resizes them in place at each draw). At each training epoch's start it draws the epoch's selection;
 the head keeps training through the optimizer's own param groups, the frozen weights get no gradient,
-which torch optimizers skip. With `resample_every` it redraws every N training batches. The
-tuner's state is the callback's state in Lightning checkpoints (an exact resume of the draws); at fit
-end the module gets its stock layers back, the trained values in its own weights. One optimizer only.
+which torch optimizers skip. With `resample_every` it redraws every N optimizer steps (with
+`accumulate_grad_batches=k`, every N*k batches). The tuner's state is the callback's state in
+Lightning checkpoints (an exact resume of the draws; the optimizer's loaded slice state, e.g. momentum,
+is kept only for a slice whose channels are the ones it was made for); at fit end the module gets its
+stock layers back, the trained values in its own weights. One optimizer only.
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ class TradyCallback(lightning.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         pl_module.eval()  # Lightning may set train mode again (after validation): dropout stays off
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.tuner.step()  # resample_every: the next batch trains a new draw
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Counts optimizer steps, not batches (accumulate_grad_batches): the redraw this may make due
+        # happens at the next training forward, after this step.
+        self.tuner.step()
 
     def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if self.tuner is not None and not self.tuner.restored:
