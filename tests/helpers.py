@@ -18,7 +18,10 @@ from trady.ranking import LayerRank, RankingProfile
 
 MODEL = "mbv2-w0.35"
 RESOLUTION = 32
-TIMING_FIELDS = {"epoch_time_s", "wall_time_s"}
+# Fields that measure this machine and process, not the run's results: times, and the measured step
+# peak (resident memory: other processes' page sharing, the allocator's history), which differs between
+# two processes running the same steps. A resumed run's rows are compared without them.
+MACHINE_FIELDS = {"epoch_time_s", "wall_time_s", "peak_memory_bytes"}
 
 
 def write_profile(path: Path, model: str = MODEL, resolution: int = RESOLUTION) -> Path:
@@ -128,12 +131,12 @@ def reference_run(tmp_path_factory, args: list) -> Path:
     return _REFERENCE_RUNS[key]
 
 
-def strip_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+def strip_machine_fields(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in MACHINE_FIELDS} for r in rows]
 
 
 def metrics(folder: Path) -> list[dict]:
-    return strip_timing(read_jsonl(Path(folder) / "metrics.jsonl"))
+    return strip_machine_fields(read_jsonl(Path(folder) / "metrics.jsonl"))
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -146,3 +146,35 @@ def test_resume_without_a_checkpoint_starts_from_the_first_epoch(tmp_path, tmp_p
     assert metrics(folder) == metrics(ref)
     assert_same_weights(weights(folder), weights(ref))
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"]
+
+
+def test_resumed_summary_peak_covers_the_epochs_before_the_resume(tmp_path, profile, monkeypatch):
+    """peak_memory_bytes is each epoch's row (kept by the checkpoint); the summary's is the highest row,
+    so a resumed run's summary covers the epochs measured by the killed process too."""
+    args = run_args(profile, "classifier", epochs=2, budget=None)
+    ref = tmp_path / "ref"
+    real_save = train.save_torch
+
+    def save_and_keep_epoch1(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            real_save(Path(path).parent / "epoch1.pt", state)
+
+    monkeypatch.setattr(train, "save_torch", save_and_keep_epoch1)
+    assert cli(["finetune", *args, "--out", ref]) == 0
+    monkeypatch.setattr(train, "save_torch", real_save)
+    rows = read_jsonl(ref / "metrics.jsonl")
+    summary = json.loads((ref / "summary.json").read_text())
+    assert summary["peak_memory_bytes"] == max(r["peak_memory_bytes"] for r in rows)
+    # the killed process's epoch 1 peaked far above anything this process measures
+    state = torch.load(ref / "epoch1.pt", weights_only=True)
+    pre_resume_peak = 2**50
+    state["metrics"][0]["peak_memory_bytes"] = pre_resume_peak
+    torch.save(state, ref / "epoch1.pt")
+    cut = tmp_path / "cut"
+    _cut_after_first_epoch(ref, cut)
+    assert cli(["finetune", "--resume", cut, "--no-progress"]) == 0
+    resumed = read_jsonl(cut / "metrics.jsonl")
+    assert resumed[0]["peak_memory_bytes"] == pre_resume_peak
+    assert resumed[1]["peak_memory_bytes"] is not None and resumed[1]["peak_memory_bytes"] < pre_resume_peak
+    assert json.loads((cut / "summary.json").read_text())["peak_memory_bytes"] == pre_resume_peak

@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from trady.errors import TradyError
+from trady.microbatch import check_micro_batch
 
 CHECKPOINT = "checkpoint.pt"  # the run folder's checkpoint file (written by trady.checkpoint)
 # The one list of settings that never change what a run computes (where it writes, how it reports, how
 # fast it runs, where it finds files whose contents are checked anyway): a resume may change them
 # (`trady finetune --resume DIR --threads 2`), and a sweep ignores them when it checks that a finished
 # run is the one it asks for. Everything else must match.
-NON_RESULT_SETTINGS = ("out", "progress", "threads", "device", "measure_memory", "data_dir", "mcu_dir")
+NON_RESULT_SETTINGS = (
+    "out", "progress", "threads", "device", "measure_memory", "control_allocator", "data_dir", "mcu_dir",
+)  # fmt: skip
 
 
 @dataclass
@@ -54,6 +57,9 @@ class FinetuneConfig:
     threads: int | None = None
     progress: bool = True
     measure_memory: bool = True
+    # glibc settings for the measured step (trady.measure.PeakMeter): process-wide and not fully undoable
+    # (glibc's dynamic mmap threshold stays off), so off for library callers; the CLI turns it on
+    control_allocator: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,8 +91,7 @@ class FinetuneConfig:
             raise TradyError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.classifier_init not in ("default", "zeros"):
             raise TradyError(f"classifier_init must be 'default' or 'zeros', got {self.classifier_init!r}")
-        if self.micro_batch_size is not None and (isinstance(self.micro_batch_size, bool) or self.micro_batch_size < 1):
-            raise TradyError(f"micro_batch_size must be a positive integer or None, got {self.micro_batch_size!r}")
+        check_micro_batch(self.micro_batch_size)
         if self.mask_bits not in (1, 8):
             raise TradyError(f"mask_bits must be 1 or 8, got {self.mask_bits}")
         for name in ("train_size", "test_size", "resolution", "resample_every"):

@@ -194,7 +194,14 @@ def set_allocator_for_measurement() -> bool:
 def set_allocator_for_speed() -> None:
     """Back to fast settings: blocks up to 32 MiB from the heap, trimmed above 64 MiB (where glibc's own
     dynamic threshold ends up after a few steps). A fresh mmap per block costs page faults: measured
-    here, a mobilenet_v2 engine step took about 2x as long with the 64 KiB threshold."""
+    here, a mobilenet_v2 engine step took about 2x as long with the 64 KiB threshold.
+
+    What cannot be restored: glibc has no call that reads the thresholds, and the first mallopt of
+    M_MMAP_THRESHOLD or M_TRIM_THRESHOLD switches its dynamic threshold off for the rest of the process
+    (there is no call that switches it back on). These fixed values are the dynamic threshold's upper
+    end (32 MiB on 64-bit) and glibc's trim rule (twice the mmap threshold); a process that started
+    with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set gets these instead of its own values. Hence
+    PeakMeter's control is opt-in (FinetuneConfig.control_allocator, on in the CLI)."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
@@ -224,7 +231,9 @@ class PeakMeter:
     CPU: VmHWM after the region minus VmRSS at its start (the high-water mark reset at the start).
     `control_allocator`: for the region, glibc returns freed blocks to the kernel and the heap's free
     pages are given back first (`set_allocator_for_measurement`), so that the figure follows the live
-    tensors; afterwards the fast settings (`set_allocator_for_speed`). False: glibc as it is.
+    tensors; afterwards the fast settings (`set_allocator_for_speed`: process-wide, and glibc's dynamic
+    threshold stays off, see there). False (the default): glibc as it is, mallopt never called. A region
+    left by an exception: `close()` (or the `with` block) sets the fast settings back.
     CUDA: torch.cuda.max_memory_allocated minus memory_allocated at the start (peak stats reset).
     `peak_bytes` is None where the platform offers neither (no /proc, clear_refs not writable).
     """
@@ -234,6 +243,7 @@ class PeakMeter:
         self.control_allocator = control_allocator and self.device.type == "cpu"
         self.base: int | None = None
         self.peak_bytes: int | None = None
+        self._allocator_set = False  # measurement settings in force (start() without stop() yet)
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -242,28 +252,37 @@ class PeakMeter:
             self.base = torch.cuda.memory_allocated(self.device)
         else:
             if self.control_allocator:
-                set_allocator_for_measurement()
+                self._allocator_set = set_allocator_for_measurement()
             self.base = resident_bytes() if reset_resident_peak() else None
 
     def stop(self) -> int | None:
         if self.base is None:
+            self.close()
             return None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = int(torch.cuda.max_memory_allocated(self.device)) - self.base
         else:
             peak = resident_peak_bytes() - self.base
-            if self.control_allocator:
-                set_allocator_for_speed()
+            self.close()
         self.peak_bytes = max(peak, 0) if self.peak_bytes is None else max(self.peak_bytes, peak, 0)
         return self.peak_bytes
+
+    def close(self) -> None:
+        """The fast allocator settings back if start() set the measurement ones (no figure taken)."""
+        if self._allocator_set:
+            self._allocator_set = False
+            set_allocator_for_speed()
 
     def __enter__(self) -> PeakMeter:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        if exc[0] is not None:
+            self.close()
+        else:
+            self.stop()
 
 
 def allocator_env_active() -> bool:

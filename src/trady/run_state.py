@@ -51,7 +51,6 @@ class Run:
     notes: list[str] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None  # persistent optimizer of full/classifier/bias
     comm_elements: int = 0  # data parallel: gradient elements all-reduced per step (last step)
-    peak_memory_bytes: int | None = None  # measured step peak, the highest over this process's steps
 
     # the tuner's view, under the names the loop and the summary use
     @property

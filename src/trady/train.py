@@ -77,40 +77,43 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
     distributed_run = run.world > 1
     loss_sum, correct, seen = 0.0, 0, 0
     memory: dict[str, Any] = {}
-    meter = PeakMeter(run.device, control_allocator=True)  # the measured step peak (trady.measure)
+    meter = PeakMeter(run.device, control_allocator=config.control_allocator)  # the measured step peak
     peak = None
     lr = lr_at((epoch - 1) * steps, total_steps, warmup_steps, config.lr)
     bar = _progress(loader, config, f"epoch {epoch}/{config.epochs}", run.rank)
-    for i, (x, y) in enumerate(bar):
-        x, y = x.to(run.device), y.to(run.device)
-        scale = lr_at((epoch - 1) * steps + i, total_steps, warmup_steps, 1.0)
-        lr = scale * config.lr
-        for g in optimizer.param_groups:
-            g["lr"] = scale * g.get("base_lr", config.lr)
-        for p in params:
-            p.grad = None
-        peak_step = measure and i == min(1, steps - 1)  # the second step: one-time set-up is done
-        if peak_step:
-            meter.start()
-        forward = _forward_loss(run, memory if measure and i == 0 else None)
-        logits, loss = accumulate_gradients(forward, x, y, config.micro_batch_size)  # forward + backward
-        value = loss
-        if distributed_run:  # every rank stops at the same step when any rank's loss is not finite
-            value = value.clone()
-            torch.distributed.all_reduce(value)
-        if not torch.isfinite(value):
-            raise NonFiniteLoss(epoch, i + 1, steps, value=float(value))
-        if distributed_run:
-            run.comm_elements = _all_reduce_grads(params)
-        optimizer.step()  # the tuner's optimizer pre-hook records MeDyate's gradient norms first
-        run.tuner.step()  # resample_every: the next forward trains a new draw (same slice tensors, resized)
-        if peak_step:
-            peak = meter.stop()
-        loss_sum += loss.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    try:
+        for i, (x, y) in enumerate(bar):
+            x, y = x.to(run.device), y.to(run.device)
+            scale = lr_at((epoch - 1) * steps + i, total_steps, warmup_steps, 1.0)
+            lr = scale * config.lr
+            for g in optimizer.param_groups:
+                g["lr"] = scale * g.get("base_lr", config.lr)
+            for p in params:
+                p.grad = None
+            peak_step = measure and i == min(1, steps - 1)  # the second step: one-time set-up is done
+            if peak_step:
+                meter.start()
+            forward = _forward_loss(run, memory if measure and i == 0 else None)
+            logits, loss = accumulate_gradients(forward, x, y, config.micro_batch_size)  # forward + backward
+            value = loss
+            if distributed_run:  # every rank stops at the same step when any rank's loss is not finite
+                value = value.clone()
+                torch.distributed.all_reduce(value)
+            if not torch.isfinite(value):
+                raise NonFiniteLoss(epoch, i + 1, steps, value=float(value))
+            if distributed_run:
+                run.comm_elements = _all_reduce_grads(params)
+            optimizer.step()  # the tuner's optimizer pre-hook records MeDyate's gradient norms first
+            run.tuner.step()  # resample_every: the next forward trains a new draw (same slice tensors, resized)
+            if peak_step:
+                peak = meter.stop()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    finally:
+        meter.close()  # a step that raised (NonFiniteLoss, ...) leaves no measurement settings behind
     if run.engine is not None:
         run.engine.sync()
     with torch.no_grad():
@@ -118,8 +121,7 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
             raise NonFiniteLoss(epoch, what="weights", where="at the end of")
     if distributed_run:  # the epoch's metrics over the global batches
         loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], run.device)
-    if peak is not None:
-        run.peak_memory_bytes = max(run.peak_memory_bytes or 0, peak)
+    memory["peak_memory_bytes"] = peak  # measured step peak of this epoch (None unmeasured)
     return {"lr": lr, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), **memory}
 
 
@@ -281,6 +283,7 @@ def _finetune(run: Run, resume: bool) -> dict[str, Any]:
                 **_selection_stats(run, run.tuner.epoch_selections or [selection]),
                 "measured_saved_bytes": stats.get("measured_saved_bytes"),
                 "measured_budgeted_bytes": stats.get("measured_budgeted_bytes"),
+                "peak_memory_bytes": stats.get("peak_memory_bytes"),  # of this machine and process, like the time
                 "epoch_time_s": time.perf_counter() - t_epoch,
             }
             rows.append(row)
@@ -368,7 +371,7 @@ def _summary(run: Run, rows: list[dict], wall: float, status: str = "ok", error:
         "selected_units": _mean(rows, "selected_units"),
         "measured_budgeted_bytes": _max(rows, "measured_budgeted_bytes"),
         "measured_saved_bytes": _max(rows, "measured_saved_bytes"),
-        "peak_memory_bytes": run.peak_memory_bytes,  # measured step peak (trady.measure.PeakMeter)
+        "peak_memory_bytes": _max(rows, "peak_memory_bytes"),  # measured step peak, highest epoch row
         "peak_memory_measure": PEAK_MEASURE.get(run.device.type),
         "micro_batch_size": c.micro_batch_size,
         "train_size": run.train_size,

@@ -69,6 +69,9 @@ def add_config_arguments(p) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--no-measure", dest="measure_memory", action="store_false",
                    help="skip counting the bytes kept for backward")  # fmt: skip
+    p.add_argument("--keep-allocator", dest="control_allocator", action="store_false",
+                   help="leave glibc's malloc settings alone during the measured step (default: the CLI "
+                        "makes glibc return freed blocks then, so the step peak follows live tensors)")  # fmt: skip
 
 
 def _option_value(text: str):
@@ -181,6 +184,7 @@ def _resume_config(args: argparse.Namespace) -> FinetuneConfig:
         if name != "out" and value is not None and value != getattr(defaults, name):
             setattr(config, name, value)
     config.progress = args.progress
+    config.control_allocator = args.control_allocator
     return config
 
 
