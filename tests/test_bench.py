@@ -154,3 +154,35 @@ def test_config_validation() -> None:
         bench.EngineBenchConfig(device="tpu").validate()
     with pytest.raises(TradyError):
         bench.EngineBenchConfig(rounds=0).validate()
+
+
+def test_both_benches_parse_the_same_step_arguments_into_their_configs(monkeypatch) -> None:
+    from trady import memory_bench
+    from trady.cli import bench as bench_cli
+
+    parser = argparse.ArgumentParser()
+    bench_cli.register(parser.add_subparsers(dest="command"))
+    seen = {}
+
+    def fake_engine(config, model=None):
+        seen["engine"] = config
+        return {"environment": {}}
+
+    def fake_memory(config, progress=None):
+        seen["memory"] = config
+        return {}
+
+    monkeypatch.setattr(bench, "run_engine_bench", fake_engine)
+    monkeypatch.setattr(memory_bench, "bench_memory", fake_memory)
+    monkeypatch.setattr(memory_bench, "format_result", lambda result: "")
+    step = ["--model", "m", "--resolution", "64", "--budget", "3%", "--seed", "5", "--no-flush-denormal", "--json"]
+    for name in ("engine", "memory"):
+        args = parser.parse_args(["bench", name, *step])
+        assert args.func(args) == 0
+    engine, memory = seen["engine"], seen["memory"]
+    assert isinstance(memory, bench.StepBenchConfig) and isinstance(engine, bench.StepBenchConfig)
+    for field in ("model", "resolution", "budget", "seed", "flush_denormal", "lr", "mask_bits", "num_classes"):
+        assert getattr(engine, field) == getattr(memory, field), field
+    assert memory.flush_denormal is False and memory.threads == 1 and engine.threads is None
+    with pytest.raises(TradyError, match="micro_batch_size must be a positive integer"):
+        memory_bench.MemoryBenchConfig(micro_batch_size=0).validate()

@@ -135,3 +135,12 @@ def test_errors_are_one_clear_line(capsys, argv: list[str], needle: str) -> None
     assert code == 2 and out == ""
     assert err.startswith("trady: error: ") and err.count("\n") == 1
     assert needle in err
+
+
+def test_micro_batch_without_a_budget_is_refused_and_the_help_names_the_prediction(capsys) -> None:
+    code, _, err = _run(capsys, "--model", "mbv2-w0.35", "--resolution", "32", "--micro-batch", "4")
+    assert code == 2 and "--micro-batch 4 needs --budget" in err
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "predicted step peak" in text and "step-time floor" in text and "(needs --budget)" in text

@@ -63,15 +63,15 @@ TARGETS = {
 
 
 @dataclass
-class EngineBenchConfig:
+class StepBenchConfig:
+    """The step both benches measure (`trady bench engine` and `trady bench memory`): model, input,
+    selection and the step's settings."""
+
     model: str = "mcunet-in1"
     resolution: int = 128
     batch_size: int = 32
     budget: str = "2.2%"
     layers: str = "auto"  # auto: the shipped profile's top-K if any, else top-fraction
-    top_fraction: float = 0.5  # share of the layers (execution order, closest to the classifier)
-    rounds: int = 7
-    warmup: int = 2
     threads: int | None = None  # None: os.cpu_count()
     device: str = "cpu"
     seed: int = 0
@@ -87,17 +87,29 @@ class EngineBenchConfig:
     def validate(self) -> None:
         if self.layers not in LAYER_CHOICES:
             raise unknown_name("layer choice", self.layers, LAYER_CHOICES)
-        if not 0.0 < self.top_fraction <= 1.0:
-            raise TradyError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
-        for name in ("resolution", "batch_size", "rounds"):
+        for name in ("resolution", "batch_size"):
             if getattr(self, name) < 1:
                 raise TradyError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise TradyError(f"warmup must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise TradyError(f"threads must be >= 1, got {self.threads}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise TradyError(f"device {self.device!r} not supported; accepted: cpu, cuda, cuda:N")
+
+
+@dataclass
+class EngineBenchConfig(StepBenchConfig):
+    top_fraction: float = 0.5  # share of the layers (execution order, closest to the classifier)
+    rounds: int = 7
+    warmup: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise TradyError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        if self.rounds < 1:
+            raise TradyError(f"rounds must be >= 1, got {self.rounds}")
+        if self.warmup < 0:
+            raise TradyError(f"warmup must be >= 0, got {self.warmup}")
 
 
 # ---------------------------------------------------------------------------------------------

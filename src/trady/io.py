@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _atomic_write(path: str | os.PathLike, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,11 +30,11 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     data = (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode()
-    _atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(path, lambda fh: fh.write(text.encode()))
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -56,7 +56,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
     import torch  # imported here so that light processes (sweep workers, reports) need no torch
 
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:

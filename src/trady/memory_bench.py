@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from trady.bench import StepBenchConfig
 from trady.errors import TradyError
+from trady.microbatch import check_micro_batch
 from trady.text import mib
 
 MEMORY_VARIANTS = ("inference", "engine", "freeze", "full")
@@ -41,37 +43,29 @@ MICRO_TARGET = ("engine_over_inference_peak", "<=", 1.2)  # with micro-batches: 
 
 
 @dataclass
-class MemoryBenchConfig:
+class MemoryBenchConfig(StepBenchConfig):
+    """bench.StepBenchConfig's step (other defaults: mobilenet_v2, one thread) measured in fresh processes."""
+
     model: str = "mobilenet_v2"
-    resolution: int = 128
-    batch_size: int = 32
-    budget: str = "2.2%"
+    threads: int | None = 1
     micro_batch_size: int | None = None
-    layers: str = "auto"
     repeats: int = 3  # fresh processes per variant
     steps: int = 3  # measured steps per process
     warmup: int = 1
-    threads: int = 1
-    device: str = "cpu"
-    seed: int = 0
-    lr: float = 1e-4
-    num_classes: int = 10
-    pretrained: bool = True
-    mask_bits: int = 1
     allocator_control: bool = True
     variants: tuple[str, ...] = MEMORY_VARIANTS
 
     def validate(self) -> None:
-        for name in ("resolution", "batch_size", "repeats", "steps", "threads"):
+        super().validate()
+        if self.threads is None:
+            raise TradyError("threads must be >= 1 (each fresh process runs that many), got None")
+        for name in ("repeats", "steps"):
             if getattr(self, name) < 1:
                 raise TradyError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size:
-            raise TradyError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        check_micro_batch(self.micro_batch_size)
         for v in self.variants:
             if v not in MEMORY_VARIANTS:
                 raise TradyError(f"unknown variant {v!r}; accepted: {', '.join(MEMORY_VARIANTS)}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise TradyError(f"device {self.device!r} not supported; accepted: cpu, cuda, cuda:N")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +104,7 @@ def measure_variant(config: MemoryBenchConfig, variant: str) -> dict:
     from trady.variants import build
 
     torch.set_num_threads(config.threads)
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(config.flush_denormal)
     inp, source = step_inputs(config)
     v = build(variant, inp)
     for _ in range(config.warmup):
@@ -152,7 +146,7 @@ def time_micro_batches(config: MemoryBenchConfig, rounds: int = 5) -> dict:
     from trady.variants import build
 
     torch.set_num_threads(config.threads)
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(config.flush_denormal)
     whole_cfg = replace(config, micro_batch_size=None)
     inp, _ = step_inputs(whole_cfg)
     whole = build("engine", inp)

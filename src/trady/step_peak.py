@@ -22,6 +22,7 @@ import functools
 
 import torch.nn.functional as F
 
+from trady.costs import PRECISION_OF_DTYPE
 from trady.text import mib
 
 
@@ -81,7 +82,8 @@ def predict_step_peak(
     x, y = inp.x[:b], inp.y[:b]
     saved, budget_act = engine.engine.measure_saved(lambda: F.cross_entropy(engine.model(x), y))
     del saved.loss
-    precision = engine.engine._precision()
+    slices = engine.engine.slice_parameters()  # the kept slices' dtype is the slot precision (public view)
+    precision = PRECISION_OF_DTYPE.get(slices[0].dtype, "fp32") if slices else "fp32"
     analytic_act = costs.selection_bytes(selection, batch_size=b, precision=precision) - sum(
         p.nbytes for p in engine.engine.slice_parameters()
     )

@@ -116,7 +116,7 @@ def plot_timelines(profiles: dict[str, StepProfile], path: str, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trady.io import _atomic_write
+    from trady.io import atomic_write
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, p in profiles.items():
@@ -131,5 +131,5 @@ def plot_timelines(profiles: dict[str, StepProfile], path: str, title: str) -> N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)

@@ -34,35 +34,10 @@ def register(subparsers) -> None:
         epilog="example: trady bench engine --model mcunet-in1 --resolution 128 --batch-size 32 --budget 2.2%",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    e.add_argument("--model", required=True, help="zoo model name (trady models)")
-    e.add_argument("--resolution", type=int, default=128, help="input size in pixels (default 128)")
-    e.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    e.add_argument("--budget", default="2.2%", help="units (27946), bytes (256KB) or share of full fine-tuning (2.2%%)")
-    e.add_argument(
-        "--layers",
-        default="auto",
-        choices=["auto", "profile", "top-fraction", "all"],
-        help="layers to draw channels from: the shipped profile's top-K (profile), the top --top-fraction "
-        "by execution order (top-fraction), all layers, or auto = profile if shipped else top-fraction",
-    )
+    _add_step_arguments(e, threads_help="torch threads (default: CPU count)", threads=None)
     e.add_argument("--top-fraction", type=float, default=0.5, help="share of layers for top-fraction (default 0.5)")
     e.add_argument("--rounds", type=int, default=7, help="timed round-robin rounds; medians over them (default 7)")
     e.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds (default 2)")
-    e.add_argument("--threads", type=int, default=None, help="torch threads (default: CPU count)")
-    e.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    e.add_argument("--seed", type=int, default=0, help="seed of the input batch and the selection (default 0)")
-    e.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate of the timed steps (default 1e-4)")
-    e.add_argument("--num-classes", type=int, default=10, help="size of the fresh classifier (default 10)")
-    e.add_argument("--no-pretrained", action="store_true", help="random weights instead of the pretrained ones")
-    e.add_argument("--mask-bits", type=int, default=1, choices=[1, 8], help="ReLU mask bits in the engine (default 1)")
-    e.add_argument(
-        "--no-flush-denormal",
-        action="store_true",
-        help="keep denormal arithmetic on CPU (by default flushed to zero during the run: reused buffers "
-        "full of denormals otherwise slow every variant down several times)",
-    )
-    e.add_argument("--json", action="store_true", help="print the result as JSON")
-    e.add_argument("--out", default=None, help="also write the JSON result to this file")
     e.set_defaults(func=run)
     _register_memory(sub)
     p.set_defaults(func=lambda args: _missing(p))
@@ -84,34 +59,61 @@ def _register_memory(sub) -> None:
         epilog="example: trady bench memory --model mobilenet_v2 --resolution 128 --batch-size 32 --budget 2.2%",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("--model", required=True, help="zoo model name (trady models)")
-    m.add_argument("--resolution", type=int, default=128, help="input size in pixels (default 128)")
-    m.add_argument("--batch-size", type=int, default=32, help="batch size of a step (default 32)")
-    m.add_argument("--budget", default="2.2%", help="units, bytes or share of full fine-tuning (default 2.2%%)")
+    _add_step_arguments(m, threads_help="torch threads per process (default 1)", threads=1)
     m.add_argument("--micro-batch", type=int, default=None, help="split each step into micro-batches of this size")
-    m.add_argument("--layers", default="auto", choices=["auto", "profile", "top-fraction", "all"],
-                   help="layers to draw channels from (as `bench engine`)")  # fmt: skip
     m.add_argument("--repeats", type=int, default=3, help="fresh processes per variant (default 3)")
     m.add_argument("--steps", type=int, default=3, help="measured steps per process (default 3)")
-    m.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
-    m.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    m.add_argument("--seed", type=int, default=0, help="seed of the batch and the selection (default 0)")
     m.add_argument("--variants", default="inference,engine,freeze,full", help="comma-separated subset")
     m.add_argument("--no-allocator-control", action="store_true", help="children run with glibc's malloc defaults")
-    m.add_argument("--no-pretrained", action="store_true", help="random weights instead of the pretrained ones")
     m.add_argument("--timeline", default=None, help="also profile one engine and one inference step: PNG path")
-    m.add_argument("--json", action="store_true", help="print the result as JSON")
-    m.add_argument("--out", default=None, help="also write the JSON result to this file")
     m.set_defaults(func=run_memory)
+
+
+def _add_step_arguments(p: argparse.ArgumentParser, threads_help: str, threads: int | None) -> None:
+    """The step's arguments, shared by both benches (trady.bench.StepBenchConfig), and the output ones."""
+    p.add_argument("--model", required=True, help="zoo model name (trady models)")
+    p.add_argument("--resolution", type=int, default=128, help="input size in pixels (default 128)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of a step (default 32)")
+    p.add_argument("--budget", default="2.2%", help="units (27946), bytes (256KB) or share of full fine-tuning (2.2%%)")
+    p.add_argument(
+        "--layers",
+        default="auto",
+        choices=["auto", "profile", "top-fraction", "all"],
+        help="layers to draw channels from: the shipped profile's top-K (profile), the top --top-fraction "
+        "by execution order (top-fraction), all layers, or auto = profile if shipped else top-fraction",
+    )
+    p.add_argument("--threads", type=int, default=threads, help=threads_help)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the input batch and the selection (default 0)")
+    p.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate of the steps (default 1e-4)")
+    p.add_argument("--num-classes", type=int, default=10, help="size of the fresh classifier (default 10)")
+    p.add_argument("--no-pretrained", action="store_true", help="random weights instead of the pretrained ones")
+    p.add_argument("--mask-bits", type=int, default=1, choices=[1, 8], help="ReLU mask bits in the engine (default 1)")
+    p.add_argument(
+        "--no-flush-denormal",
+        action="store_true",
+        help="keep denormal arithmetic on CPU (by default flushed to zero during the run: reused buffers "
+        "full of denormals otherwise slow every variant down several times)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+
+
+def _step_fields(args: argparse.Namespace) -> dict:
+    """StepBenchConfig's fields from _add_step_arguments' arguments."""
+    return dict(
+        model=args.model, resolution=args.resolution, batch_size=args.batch_size, budget=args.budget,
+        layers=args.layers, threads=args.threads, device=args.device, seed=args.seed, lr=args.lr,
+        num_classes=args.num_classes, pretrained=not args.no_pretrained, mask_bits=args.mask_bits,
+        flush_denormal=not args.no_flush_denormal,
+    )  # fmt: skip
 
 
 def run_memory(args: argparse.Namespace) -> int:
     from trady.memory_bench import MemoryBenchConfig, bench_memory, format_result
 
     config = MemoryBenchConfig(
-        model=args.model, resolution=args.resolution, batch_size=args.batch_size, budget=args.budget,
-        micro_batch_size=args.micro_batch, layers=args.layers, repeats=args.repeats, steps=args.steps,
-        threads=args.threads, device=args.device, seed=args.seed, pretrained=not args.no_pretrained,
+        **_step_fields(args), micro_batch_size=args.micro_batch, repeats=args.repeats, steps=args.steps,
         allocator_control=not args.no_allocator_control,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
     )  # fmt: skip
@@ -145,22 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from trady.bench import EngineBenchConfig, format_result, run_engine_bench
 
     config = EngineBenchConfig(
-        model=args.model,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        budget=args.budget,
-        layers=args.layers,
-        top_fraction=args.top_fraction,
-        rounds=args.rounds,
-        warmup=args.warmup,
-        threads=args.threads,
-        device=args.device,
-        seed=args.seed,
-        lr=args.lr,
-        num_classes=args.num_classes,
-        pretrained=not args.no_pretrained,
-        mask_bits=args.mask_bits,
-        flush_denormal=not args.no_flush_denormal,
+        **_step_fields(args), top_fraction=args.top_fraction, rounds=args.rounds, warmup=args.warmup
     )
     if config.device.startswith("cuda"):
         import torch

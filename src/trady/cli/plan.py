@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from trady.errors import TradyError
 from trady.planning import plan
 from trady.text import fmt_bytes, render_table
 
@@ -19,14 +20,19 @@ def register(sub) -> None:
         help="per-layer memory units and FLOPs per input channel; what a budget buys",
         description="Print every updatable layer of a zoo model with its cost per input channel (weight "
         "units C'*k*k/g, activation units H*W of its input, weight-derivative FLOPs) and the totals of full "
-        "fine-tuning; with --budget, the budget in units, its share of full fine-tuning and its bytes.",
+        "fine-tuning; with --budget, the budget in units, its share of full fine-tuning and its bytes, and "
+        "for one TraDy draw the predicted step peak (max(inference working set, backward transient) + "
+        "budgeted bytes + the rest kept for backward + classifier gradients; trady.step_peak, one no-grad "
+        "forward profiled here) and the step-time floor (1 + the share of forward FLOPs at and above the "
+        "lowest selected layer, in forwards); --micro-batch (needs --budget) predicts them per micro-batch.",
     )
     p.add_argument("--model", required=True, help="zoo model name (see `trady models`)")
     p.add_argument("--resolution", type=int, help="input resolution in pixels (default: the model's)")
-    p.add_argument("--budget", help="units (27946), bytes (256KB, 1.5MiB) or share of full fine-tuning (2.2%%)")
+    p.add_argument("--budget", help="units (27946), bytes (256KB, 1.5MiB) or share of full fine-tuning (2.2%%); "
+                   "also prints the predicted step peak and step-time floor")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="batch for the byte figures (default 32)")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help="with --budget: predict the step peak for micro-batches of this size")  # fmt: skip
+                   help="needs --budget: predict the step peak for micro-batches of this size")  # fmt: skip
     p.add_argument("--mcu-dir", help="folder of the paper's int8 MCU models (default ../shared/models/mcu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
@@ -75,6 +81,8 @@ def format_plan(p: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.micro_batch is not None and args.budget is None:
+        raise TradyError(f"--micro-batch {args.micro_batch} needs --budget (it sizes the predicted step peak)")
     p = plan(args.model, args.resolution, args.budget, args.batch_size, args.mcu_dir)
     if args.budget is not None:  # the predicted step peak and step-time floor of a TraDy draw (trady.step_peak)
         from trady.step_peak import format_prediction, predict_step_peak
