@@ -103,3 +103,13 @@ def test_a_finetune_in_micro_batches_trains_the_same_weights_and_reports_its_pea
         runs[micro] = weights(out)
     for name, w in runs[None].items():
         torch.testing.assert_close(runs[4][name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_full_gradient_strategy_says_its_pass_is_outside_the_micro_batched_measured_step(tmp_path):
+    from helpers import tiny_config, write_profile
+    from trady.run_state import setup
+
+    profile = write_profile(tmp_path / "profile.json")
+    notes = setup(tiny_config(profile, "d-det-rgn", micro_batch_size=4)).notes
+    assert any("full-gradient pass" in n and "not micro-batched" in n and "batches of 16" in n for n in notes)
+    assert not any("full-gradient pass" in n for n in setup(tiny_config(profile, "trady", micro_batch_size=4)).notes)

@@ -27,7 +27,13 @@ from trady.engine import EngineConfig, SparseEngine
 from trady.errors import TradyError
 from trady.models import entry
 from trady.transforms import ImageTransform
-from trady.tuner import Tuner
+from trady.tuner import FULL_GRAD_BATCHES, Tuner
+
+# det-rgn's full-gradient pass (Tuner._full_gradient_norms) is outside the measured training step
+FULL_GRADIENT_NOTE = (
+    "the full-gradient pass before each selection (dense backward of every layer over {batches} batches of "
+    "{batch}) is not micro-batched and not in peak_memory_bytes or the budget"
+)
 
 
 @dataclass
@@ -156,7 +162,10 @@ def setup(
     )  # fmt: skip
     if world > 1:
         tuner.agree = functools.partial(broadcast_selection, tuner.costs, device)
-    for note in tuner.notes:
+    notes = list(tuner.notes)
+    if tuner.mode == "sparse" and strategy.grad_source == "full":
+        notes.append(FULL_GRADIENT_NOTE.format(batches=FULL_GRAD_BATCHES, batch=config.batch_size))
+    for note in notes:
         run.notes.append(note)
         run.log("note: " + note)
     if run.mode != "sparse":  # full/classifier/bias train the same tensors all run: one optimizer
