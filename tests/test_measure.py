@@ -82,3 +82,12 @@ def test_time_floor_is_one_plus_the_forward_flops_share_from_the_lowest_selected
     assert share == pytest.approx(macs[1] / sum(macs))
     assert floor == pytest.approx(1 + macs[1] / sum(macs))
     assert time_floor(costs, None) == (0.0, 1.0)
+
+
+def test_the_summary_says_under_which_allocator_setting_the_cpu_peak_was_taken():
+    from trady.measure import peak_measure
+
+    assert "returning freed blocks" in peak_measure("cpu", True)
+    assert "can read low" in peak_measure("cpu", False)
+    assert peak_measure("cuda", False) == peak_measure("cuda", True)
+    assert "max_memory_allocated" in peak_measure("cuda", False)

@@ -219,9 +219,23 @@ def cpu_peak_supported() -> bool:
 # What PeakMeter's figure is, per device type (run summaries quote it beside the number).
 PEAK_MEASURE = {
     "cpu": "resident high-water mark of a step above the resident size before it (VmHWM - VmRSS; the "
-    "epoch's second step, glibc returning freed blocks during it)",
+    "epoch's second step)",
     "cuda": "torch.cuda.max_memory_allocated of the step above memory_allocated before it",
 }
+# What the CPU figure means depends on the allocator: said beside it in every summary.
+CPU_ALLOCATOR_NOTE = {
+    True: "glibc returning freed blocks during the step, so the resident size follows the live tensors",
+    False: "glibc's default settings: freed heap blocks are reused without raising the resident size, so "
+    "the figure can read low (down to 0); control_allocator=True (the CLI's default) measures it",
+}
+
+
+def peak_measure(device_type: str, control_allocator: bool) -> str | None:
+    """The summary's `peak_memory_measure`: what the measured step peak is, on this device and setting."""
+    what = PEAK_MEASURE.get(device_type)
+    if what is None or device_type != "cpu":
+        return what
+    return f"{what}; {CPU_ALLOCATOR_NOTE[bool(control_allocator)]}"
 
 
 class PeakMeter:

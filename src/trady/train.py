@@ -33,7 +33,7 @@ from trady.config import FinetuneConfig
 from trady.costs import Selection
 from trady.errors import TradyError
 from trady.io import save_torch, write_json, write_jsonl
-from trady.measure import PEAK_MEASURE, PeakMeter, measure_saved_bytes
+from trady.measure import PeakMeter, measure_saved_bytes, peak_measure
 from trady.microbatch import accumulate_gradients
 from trady.run_state import Run, make_optimizer, setup
 from trady.schedule import lr_at
@@ -372,7 +372,7 @@ def _summary(run: Run, rows: list[dict], wall: float, status: str = "ok", error:
         "measured_budgeted_bytes": _max(rows, "measured_budgeted_bytes"),
         "measured_saved_bytes": _max(rows, "measured_saved_bytes"),
         "peak_memory_bytes": _max(rows, "peak_memory_bytes"),  # measured step peak, highest epoch row
-        "peak_memory_measure": PEAK_MEASURE.get(run.device.type),
+        "peak_memory_measure": peak_measure(run.device.type, c.control_allocator),
         "micro_batch_size": c.micro_batch_size,
         "train_size": run.train_size,
         "test_size": run.test_size,
