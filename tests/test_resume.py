@@ -65,6 +65,20 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tmp_path
         assert a[key] == b[key]
 
 
+def _run_keeping_epoch1(monkeypatch, args: list, ref: Path) -> None:
+    """`trady finetune *args --out ref`, keeping a copy of the epoch-1 checkpoint as ref/epoch1.pt."""
+    real_save = train.save_torch
+
+    def save_and_keep_epoch1(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            real_save(Path(path).parent / "epoch1.pt", state)
+
+    monkeypatch.setattr(train, "save_torch", save_and_keep_epoch1)
+    assert cli(["finetune", *args, "--out", ref]) == 0
+    monkeypatch.setattr(train, "save_torch", real_save)
+
+
 def _cut_after_first_epoch(ref: Path, folder: Path) -> None:
     """The folder a run killed during epoch 2 leaves: config, the epoch-1 checkpoint, metrics of epoch 1,
     and a half-written temporary checkpoint of the atomic write."""
@@ -87,16 +101,7 @@ def test_resume_restores_strategy_and_optimizer_state(tmp_path, profile, monkeyp
     budget = "5%" if strategy == "s-topk-random" else None
     args = run_args(profile, strategy, epochs=2, budget=budget, extra=extra)
     ref = tmp_path / "ref"
-    real_save = train.save_torch
-
-    def save_and_keep_epoch1(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1:
-            real_save(Path(path).parent / "epoch1.pt", state)
-
-    monkeypatch.setattr(train, "save_torch", save_and_keep_epoch1)
-    assert cli(["finetune", *args, "--out", ref]) == 0
-    monkeypatch.setattr(train, "save_torch", real_save)
+    _run_keeping_epoch1(monkeypatch, args, ref)
     state = torch.load(ref / "epoch1.pt", weights_only=True)
     if strategy == "s-topk-random":
         assert state["strategy"]["selection"]
@@ -153,16 +158,7 @@ def test_resumed_summary_peak_covers_the_epochs_before_the_resume(tmp_path, prof
     so a resumed run's summary covers the epochs measured by the killed process too."""
     args = run_args(profile, "classifier", epochs=2, budget=None)
     ref = tmp_path / "ref"
-    real_save = train.save_torch
-
-    def save_and_keep_epoch1(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1:
-            real_save(Path(path).parent / "epoch1.pt", state)
-
-    monkeypatch.setattr(train, "save_torch", save_and_keep_epoch1)
-    assert cli(["finetune", *args, "--out", ref]) == 0
-    monkeypatch.setattr(train, "save_torch", real_save)
+    _run_keeping_epoch1(monkeypatch, args, ref)
     rows = read_jsonl(ref / "metrics.jsonl")
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["peak_memory_bytes"] == max(r["peak_memory_bytes"] for r in rows)
