@@ -17,7 +17,7 @@ from torch import nn
 from trady import lowbit
 from trady.engine import EngineConfig, SparseEngine, measure_saved_bytes
 from trady.errors import TradyError
-from trady.models.modern import SMALL, MBConv, calibrate_batchnorm
+from trady.models.modern import SMALL, MBConv, calibrate_batchnorm, layer_weight, stock_freeze
 
 BATCH = 4
 # name -> (input resolution, bytes-ratio target vs stock freezing) (issue 13)
@@ -34,18 +34,10 @@ def selection_of(engine: SparseEngine, seed: int = 0, layers: int = 6) -> dict[s
     return {n: sorted(rng.sample(range(c), max(1, c // 8))) for n, c in sizes.items()}
 
 
-def weight_of(module: nn.Module) -> torch.Tensor:
-    return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
-
 
 def stock_saved_bytes(model: nn.Module, selection, x, w) -> int:
     """Stock autograd with requires_grad freezing of the same selection (the selected layers' whole weight)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n in selection:
-        weight_of(model.get_submodule(n)).requires_grad_(True)
-    for p in model.classifier.parameters():
-        p.requires_grad_(True)
+    stock_freeze(model, selection)
     return measure_saved_bytes(model, lambda: (model(x) * w).sum()).total
 
 
@@ -68,7 +60,7 @@ def test_default_config_meets_the_targets(name: str) -> None:
     saved.loss.backward()
     for n, idx in selection.items():
         module = dense.get_submodule(n)
-        g = weight_of(module).grad
+        g = layer_weight(module).grad
         expected = g[:, idx] if getattr(module, "groups", 1) == 1 else g[idx]
         cos = F.cosine_similarity(engine.layers[n].trady.w_slice.grad.flatten(), expected.flatten(), dim=0)
         assert cos >= 0.99, (n, float(cos))

@@ -28,7 +28,7 @@ from torch import nn
 from trady.bench import environment
 from trady.engine import EngineConfig, SparseEngine, measure_saved_bytes
 from trady.io import write_json, write_text
-from trady.models.modern import SMALL, ConvNeXtBlock, MBConv, calibrate_batchnorm
+from trady.models.modern import SMALL, ConvNeXtBlock, MBConv, calibrate_batchnorm, layer_weight, stock_freeze
 
 HERE = Path(__file__).resolve().parent
 COMMAND = "PYTHONPATH=src python benchmarks/architectures/run.py"
@@ -51,9 +51,6 @@ def blocks_of(model: nn.Module) -> tuple[str, ...]:
 SEEDS = (0, 1, 2)
 BATCH = 4
 
-
-def weight_of(module: nn.Module) -> torch.Tensor:
-    return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
 
 
 def selection_of(engine: SparseEngine, seed: int) -> dict[str, list[int]]:
@@ -82,16 +79,11 @@ def measure(name: str, config: EngineConfig, seed: int) -> dict:
     cos = []
     for n, idx in selection.items():
         module = dense.get_submodule(n)
-        g = weight_of(module).grad
+        g = layer_weight(module).grad
         expected = g[:, idx] if getattr(module, "groups", 1) == 1 else g[idx]
         got = engine.layers[n].trady.w_slice.grad
         cos.append(float(F.cosine_similarity(got.flatten(), expected.flatten(), dim=0)))
-    for p in stock.parameters():
-        p.requires_grad_(False)
-    for n in selection:
-        weight_of(stock.get_submodule(n)).requires_grad_(True)
-    for p in stock.classifier.parameters():
-        p.requires_grad_(True)
+    stock_freeze(stock, selection)
     stock_bytes = measure_saved_bytes(stock, lambda: (stock(x) * w).sum()).total
     return {"engine_saved_bytes": saved.total, "engine_budgeted_bytes": budget, "stock_freeze_saved_bytes": stock_bytes,
             "cosine": cos}  # fmt: skip

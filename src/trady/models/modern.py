@@ -243,3 +243,20 @@ def calibrate_batchnorm(model: nn.Module, resolution: int, seed: int = 0) -> nn.
         for _ in range(3):
             model(torch.randn(8, 3, resolution, resolution, generator=g))
     return model.eval()
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a selection's input channels index (MultiheadAttention: its packed in_proj_weight)."""
+    return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+
+
+def stock_freeze(model: nn.Module, selection) -> nn.Module:
+    """What a user would do instead of the engine: requires_grad only on the selected layers' whole
+    weights and the classifier (the baseline the engine's kept bytes are compared with)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in selection:
+        layer_weight(model.get_submodule(name)).requires_grad_(True)
+    for p in model.classifier.parameters():
+        p.requires_grad_(True)
+    return model
