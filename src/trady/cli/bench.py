@@ -123,19 +123,16 @@ def run_memory(args: argparse.Namespace) -> int:
         from trady.memory_timeline import timeline_for
 
         result["timeline"] = timeline_for(config, args.timeline)
-    result["command"] = "trady " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if args.out:
-        write_json(args.out, result)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_result(result))
-        if args.timeline:
-            from trady.memory_timeline import format_timeline
+    result["command"] = _command()
 
-            print()
-            print(format_timeline(result["timeline"]))
-    return 0
+    def table() -> str:
+        if not args.timeline:
+            return format_result(result)
+        from trady.memory_timeline import format_timeline
+
+        return format_result(result) + "\n\n" + format_timeline(result["timeline"])
+
+    return _emit(args, result, table)
 
 
 def _missing(parser: argparse.ArgumentParser) -> int:
@@ -155,11 +152,18 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise TradyError(f"device {config.device!r} requested but no CUDA device is available; accepted here: cpu")
     result = run_engine_bench(config)
-    result["environment"]["command"] = "trady " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result["environment"]["command"] = _command()
+    return _emit(args, result, lambda: format_result(result))
+
+
+def _command() -> str:
+    """The command line that produced a result, recorded in it."""
+    return "trady " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _emit(args: argparse.Namespace, result: dict, table) -> int:
+    """Write the result to --out (JSON) and print it: JSON with --json, else table() (made only then)."""
     if args.out:
         write_json(args.out, result)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_result(result))
+    print(json.dumps(result, indent=2) if args.json else table())
     return 0
