@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from trady import models, train
+from trady import models
 from trady.config import FinetuneConfig
-from trady.costs import analyze
+from trady.core.files import read_jsonl
 from trady.data import load_dataset
-from trady.io import read_jsonl
-from trady.ranking import LayerRank, RankingProfile
+from trady.engine.costs import analyze
+from trady.selection.ranking import LayerRank, RankingProfile
+from trady.train import loop as train
 
 MODEL = "mbv2-w0.35"
 RESOLUTION = 32
@@ -193,3 +194,12 @@ class SiluNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.silu(self.c2(torch.nn.functional.silu(self.c1(x))))
         return self.fc(x.mean((-2, -1)))
+
+
+def fp32_sum_tolerance(reference: torch.Tensor, n_terms: int) -> dict:
+    """assert_close tolerances for two fp32 computations of `reference` that add the same terms in another
+    order (other kernels, thread counts, a recomputation). A sum of n fp32 terms is off by at most
+    n * eps * sum|terms| (Higham); with n the longest reduction on the path and the reference's largest
+    magnitude as the scale, the bound follows from the computation, not from one CPU's kernels."""
+    eps = torch.finfo(torch.float32).eps
+    return {"rtol": 0.0, "atol": n_terms * eps * float(reference.abs().max())}

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trady import activations as A
-from trady.errors import TradyError
+from trady.core.errors import TradyError
+from trady.engine import activations as A
+from trady.engine import packed_codes
 
 KINDS = [*A.DEFAULT_KINDS, A.HARDSIGMOID, A._leaky_kind(0.01)]
 
@@ -85,11 +86,11 @@ def test_pack_code_roundtrip_and_levels() -> None:
     levels = torch.linspace(-1, 2, 16)
     for bits in A.BITS_ACCEPTED:
         c = code % (2**bits)
-        packed = A.pack_code(c, bits)
+        packed = packed_codes.pack_code(c, bits)
         assert sum(p.numel() for p in packed) == bits * 126  # ceil(1003 / 8) = 126
-        assert torch.equal(A.unpack_code(packed, bits, c.numel()), c.long())
+        assert torch.equal(packed_codes.unpack_code(packed, bits, c.numel()), c.long())
         lv = levels[: 2**bits]
-        assert torch.equal(A.code_levels(packed, bits, lv, c.numel()), lv[c.long()])
+        assert torch.equal(packed_codes.code_levels(packed, bits, lv, c.numel()), lv[c.long()])
 
 
 @pytest.mark.parametrize("kind", [A.SILU, A.GELU, A.HARDSWISH, A.TANH], ids=lambda k: k.key)
@@ -112,7 +113,7 @@ def test_code_is_bucketize() -> None:
     d = torch.randn(5000, generator=torch.Generator().manual_seed(2))
     borders = torch.tensor([-1.0, -0.3, 0.0, 0.2, 0.2000001, 1.5])
     d[:6] = borders  # values on a border go to the cell below it, as bucketize(right=False)
-    assert torch.equal(A.code_of(d, borders).long(), torch.bucketize(d, borders))
+    assert torch.equal(packed_codes.code_of(d, borders).long(), torch.bucketize(d, borders))
 
 
 def test_inplace_module_modifies_its_input() -> None:

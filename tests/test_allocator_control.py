@@ -1,4 +1,4 @@
-"""The measured step's glibc settings (trady.measure) never outlive a run, and library callers opt in.
+"""The measured step's glibc settings (trady.memory.kept_bytes) never outlive a run, and library callers opt in.
 
 glibc has no call that reads M_MMAP_THRESHOLD/M_TRIM_THRESHOLD back, so the process's setting cannot be
 observed: a fake libc records the mallopt calls instead, and the tests check what a run leaves set."""
@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 
 from helpers import shared_profile, tiny_config
-from trady import measure, train
+from trady.memory import resident_peak
+from trady.train import loop as train
 
-FAST = {measure._M_MMAP_THRESHOLD: 32 * 2**20, measure._M_TRIM_THRESHOLD: 64 * 2**20}
+FAST = {resident_peak._M_MMAP_THRESHOLD: 32 * 2**20, resident_peak._M_TRIM_THRESHOLD: 64 * 2**20}
 
 
 class FakeLibc:
@@ -30,7 +31,7 @@ class FakeLibc:
 @pytest.fixture
 def libc(monkeypatch) -> FakeLibc:
     fake = FakeLibc()
-    monkeypatch.setattr(measure, "_LIBC", fake)
+    monkeypatch.setattr(resident_peak, "_LIBC", fake)
     return fake
 
 
@@ -55,8 +56,8 @@ def test_a_run_failing_inside_the_measured_step_still_restores_the_settings(libc
     monkeypatch.setattr(train, "lr_at", lambda step, total, warmup, base: float("nan"))  # step 2's loss is NaN
     with pytest.raises(train.NonFiniteLoss, match="step 2 of 4"):  # raised between the meter's start and stop
         train.finetune(tiny_config(profile, "classifier", budget=None, epochs=1, control_allocator=True))
-    measured = int(measure.ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"])
-    assert (measure._M_MMAP_THRESHOLD, measured) in libc.calls
+    measured = int(resident_peak.ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"])
+    assert (resident_peak._M_MMAP_THRESHOLD, measured) in libc.calls
     assert libc.setting == FAST
 
 

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 
 import trady
 from helpers import assert_same_weights, channel_mask, cli, digits_batches, metrics, weights
-from trady import train
 from trady.config import FinetuneConfig
-from trady.costs import analyze, parse_budget
-from trady.errors import TradyError
-from trady.io import read_jsonl, write_jsonl
-from trady.ranking import RankingProfile
+from trady.core.errors import TradyError
+from trady.core.files import read_jsonl, write_jsonl
+from trady.engine.costs import analyze, parse_budget
+from trady.selection.ranking import RankingProfile
+from trady.train import loop as train
 from user_model import build
 
 
@@ -163,7 +163,7 @@ def test_det_rgn_gets_its_full_gradient_through_the_tuner(batches):
     ref = build()
     for x, y in batches[:8]:
         F.cross_entropy(ref(x), y).backward()
-    from trady.ranking import channel_norms
+    from trady.selection.ranking import channel_norms
 
     rgn = {}
     for lay in tuner.costs.layers:
@@ -296,7 +296,7 @@ def test_resample_every_redraw_steps_run_in_the_functional_call_mode(monkeypatch
     """Every training forward routes F.silu to the few-bit path, those that redraw first included (the
     redraw's strict path check runs a nested forward, which must not leave the outer forward's mode)."""
     from helpers import SiluNet
-    from trady import activations
+    from trady.engine import activations
 
     torch.manual_seed(0)
     model, x, y = SiluNet().eval(), torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from trady.costs import CostTable, LayerInfo, analyze, bytes_per_slot, parse_budget
-from trady.errors import TradyError
+from trady.core.errors import TradyError
+from trady.engine.costs import CostTable, LayerInfo, analyze, bytes_per_slot, parse_budget
 
 # ---------------------------------------------------------------------------------------------
 # Per input channel: C^W = C' kh kw / g, C^A = H W (input), FLOPs = kh kw C' H' W' / g

@@ -1,4 +1,4 @@
-"""Tests for trady.data and trady.transforms on tiny data written in tmp_path (plus sklearn digits
+"""Tests for trady.data and trady.data.transforms on tiny data written in tmp_path (plus sklearn digits
 and, when installed, Debian's Fashion-MNIST)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from trady.core.errors import TradyError
 from trady.data import (
     FASHION_MNIST_DIR,
     BatchLoader,
@@ -21,8 +22,7 @@ from trady.data import (
     load_dataset,
     stratified_subset,
 )
-from trady.errors import TradyError
-from trady.transforms import ImageTransform
+from trady.data.transforms import ImageTransform
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from helpers import cli, metrics, run_args, shared_profile, tiny_config, weights
-from trady import checkpoint, distributed, train
-from trady.errors import TradyError
+from trady.core import distributed
+from trady.core.errors import TradyError
+from trady.train import checkpoint
+from trady.train import loop as train
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 EXACT = ("epoch", "lr", "selected_channels", "selected_units", "activation_sparsity", "weight_sparsity",

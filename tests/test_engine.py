@@ -23,8 +23,8 @@ import pytest
 import torch
 from torch import nn
 
+from trady.core.errors import TradyError
 from trady.engine import EngineConfig, SparseEngine
-from trady.errors import TradyError
 
 LR = 0.5
 BATCH = 2
@@ -368,21 +368,21 @@ def smooth_activations():
 
 def silu_se_blocks():
     """EfficientNet's MBConv: SiLU, squeeze-excitation with module gates, residual."""
-    from trady.models.modern import MBConv
+    from trady.models.constructed import MBConv
 
     return _stem_then(MBConv(8, 8, 3, 1, 2, 0.25, nn.SiLU), MBConv(8, 12, 5, 2, 2, 0.25, nn.SiLU))
 
 
 def hardswish_functional_se():
     """MobileNetV3's block with the SE written as functional calls (F.relu, F.hardsigmoid, x * gate)."""
-    from trady.models.modern import MBConv
+    from trady.models.constructed import MBConv
 
     return _stem_then(MBConv(8, 8, 3, 1, 2, 0.25, nn.Hardswish, functional_se=True))
 
 
 def convnext_blocks():
     """7x7 depthwise, LayerNorm on NHWC tokens, Linear-GELU-Linear, layer scale; LayerNorm2d downsampling."""
-    from trady.models.modern import ConvNeXtBlock, LayerNorm2d
+    from trady.models.constructed import ConvNeXtBlock, LayerNorm2d
 
     return _stem_then(ConvNeXtBlock(8, 0.5), LayerNorm2d(8), nn.Conv2d(8, 12, 2, stride=2), ConvNeXtBlock(12, 0.5))
 
@@ -1146,7 +1146,7 @@ def test_strict_error_names_every_offender_once() -> None:
 
 
 def test_frozen_batchnorm_in_train_mode_warns_once() -> None:
-    from trady.sparse_modules import FrozenBatchNormWarning
+    from trady.engine.modules import FrozenBatchNormWarning
 
     model, x = _build(Case(conv_bn_relu6_chain))
     engine = SparseEngine(model, x)

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from helpers import MODEL, RESOLUTION, cli, error_line, metrics, reference_run, run_args, shared_profile, weights
-from trady import models, train
-from trady.costs import analyze
-from trady.io import read_jsonl
+from trady import models
+from trady.core.files import read_jsonl
+from trady.engine.costs import analyze
+from trady.train import loop as train
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""trady.lightning.TradyCallback on a toy LightningModule (CPU): per epoch the budget holds and the
+"""trady.train.lightning.TradyCallback on a toy LightningModule (CPU): per epoch the budget holds and the
 selection is redrawn, and the whole fit equals the plain Tuner loop bit for bit (same draws, weights)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import trady
 from helpers import digits_batches
-from trady.lightning import TradyCallback
+from trady.train.lightning import TradyCallback
 from user_model import build
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trady import ops
+from trady.engine import functions as ops
 
 
 @pytest.mark.parametrize("bounds", [(0.0, None), (0.0, 6.0), (-1.0, 1.0)])

@@ -1,11 +1,11 @@
-"""The measured peak is real (trady.measure.PeakMeter), and the memory bench reports its interface."""
+"""The measured peak is real (trady.memory.resident_peak.PeakMeter), and the memory bench reports its interface."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trady.measure import PeakMeter, cpu_peak_supported
+from trady.memory.resident_peak import PeakMeter, cpu_peak_supported
 
 pytestmark = pytest.mark.skipif(not cpu_peak_supported(), reason="needs Linux /proc/self/clear_refs")
 
@@ -38,7 +38,7 @@ def test_the_peak_is_of_the_region_not_of_what_lived_before_it():
 
 
 def test_memory_bench_keys_and_engine_below_full(tmp_path):
-    from trady.memory_bench import MemoryBenchConfig, bench_memory
+    from trady.experiments.bench.memory_bench import MemoryBenchConfig, bench_memory
 
     cfg = MemoryBenchConfig(
         model="mbv2-w0.35", resolution=64, batch_size=4, budget="5%", repeats=1, steps=1, pretrained=False
@@ -55,7 +55,7 @@ def test_memory_bench_keys_and_engine_below_full(tmp_path):
 
 
 def test_predicted_step_peak_parts_and_micro_batches():
-    from trady.step_peak import predict_step_peak
+    from trady.train.prediction import predict_step_peak
 
     whole = predict_step_peak("mbv2-w0.35", 64, "5%", 8)
     micro = predict_step_peak("mbv2-w0.35", 64, "5%", 8, micro_batch_size=2)
@@ -72,8 +72,8 @@ def test_predicted_step_peak_parts_and_micro_batches():
 def test_time_floor_is_one_plus_the_forward_flops_share_from_the_lowest_selected_layer():
     from torch import nn
 
-    from trady.costs import analyze
-    from trady.step_peak import time_floor
+    from trady.engine.costs import analyze
+    from trady.train.prediction import time_floor
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
     costs = analyze(model, (1, 3, 8, 8))
@@ -85,7 +85,7 @@ def test_time_floor_is_one_plus_the_forward_flops_share_from_the_lowest_selected
 
 
 def test_the_summary_says_under_which_allocator_setting_the_cpu_peak_was_taken():
-    from trady.measure import peak_measure
+    from trady.memory.resident_peak import peak_measure
 
     assert "returning freed blocks" in peak_measure("cpu", True)
     assert "can read low" in peak_measure("cpu", False)

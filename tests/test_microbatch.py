@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trady.config import FinetuneConfig
+from trady.core.errors import TradyError
 from trady.engine import SparseEngine
-from trady.errors import TradyError
-from trady.microbatch import accumulate_gradients
+from trady.train.microbatch import accumulate_gradients
 
 
 def _model() -> nn.Module:
@@ -88,7 +88,7 @@ def test_micro_batch_size_must_be_positive():
 @pytest.mark.parametrize("strategy", ["trady", "full"])
 def test_a_finetune_in_micro_batches_trains_the_same_weights_and_reports_its_peak(tmp_path, strategy):
     from helpers import tiny_config, weights, write_profile
-    from trady.train import finetune
+    from trady.train.loop import finetune
 
     profile = write_profile(tmp_path / "profile.json")
     runs = {}
@@ -111,7 +111,7 @@ def test_a_finetune_in_micro_batches_trains_the_same_weights_and_reports_its_pea
 
 def test_a_full_gradient_strategy_says_its_pass_is_outside_the_micro_batched_measured_step(tmp_path):
     from helpers import tiny_config, write_profile
-    from trady.run_state import setup
+    from trady.train.setup import setup
 
     profile = write_profile(tmp_path / "profile.json")
     notes = setup(tiny_config(profile, "d-det-rgn", micro_batch_size=4)).notes

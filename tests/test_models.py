@@ -25,7 +25,7 @@ from skimage import data
 from torch import nn
 
 import trady.models as models
-from trady.errors import TradyError
+from trady.core.errors import TradyError
 from trady.models import mcu, mobilenet_v2
 from trady.models.weights import WeightPackage
 

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trady import lowbit
-from trady.engine import EngineConfig, SparseEngine, measure_saved_bytes
-from trady.errors import TradyError
-from trady.models.modern import SMALL, MBConv, calibrate_batchnorm, layer_weight, stock_freeze
+from helpers import fp32_sum_tolerance
+from trady.core.errors import TradyError
+from trady.engine import EngineConfig, SparseEngine
+from trady.engine import kept_tensors as lowbit
+from trady.memory.kept_bytes import measure_saved_bytes
+from trady.models.constructed import SMALL, MBConv, calibrate_batchnorm, layer_weight, stock_freeze
 
 BATCH = 4
 # name -> (input resolution, bytes-ratio target vs stock freezing) (issue 13)
@@ -338,8 +340,9 @@ def test_recompute_keeps_block_inputs_only_with_the_same_gradients(dropout: floa
     for base in (EngineConfig(), EngineConfig(activation_bits=None, kept_precision="fp32")):
         plain, saved, budget = _vit_grads(base, dropout)
         again, saved_r, budget_r = _vit_grads(EngineConfig(**{**vars(base), "recompute": blocks}), dropout)
-        for n in plain:  # dropout replayed in the recomputation: the same draws, the same gradients
-            torch.testing.assert_close(again[n], plain[n], rtol=1e-5, atol=1e-7)
+        for n in plain:  # dropout replayed in the recomputation: the same draws, the same gradients, summed
+            # in another order: fp32 rounding over the longest reduction on the path (d_ff = 128 terms)
+            torch.testing.assert_close(again[n], plain[n], **fp32_sum_tolerance(plain[n], n_terms=128))
         assert saved_r.total < 0.6 * saved.total, (saved_r.total, saved.total)
         assert budget_r < budget  # blocks.1.linear1's input slice is recomputed, not kept
 
@@ -355,8 +358,7 @@ def test_a_forward_nested_in_a_forward_hook_keeps_the_outer_forward_in_the_mode(
     """A hook (after the engine's) that re-selects runs the strict check's nested forward inside the outer
     one: only the outermost root call enters/leaves the functional-call mode, so the outer F.silu stays routed."""
     from helpers import SiluNet
-    from trady import activations
-    from trady.engine import SparseEngine
+    from trady.engine import SparseEngine, activations
 
     torch.manual_seed(0)
     model, x = SiluNet().eval(), torch.randn(2, 3, 8, 8)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from trady import ops
+from trady.engine import functions as ops
 
 # ---------------------------------------------------------------------------------------------
 # Bit packing

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from trady import profiling, ranking
-from trady.costs import CostTable, LayerInfo, analyze
-from trady.errors import TradyError
-from trady.ranking import LayerRank, RankAccumulator, RankingProfile, channel_norms, top_k_count
-from trady.report import plot_profile
+from trady.core.errors import TradyError
+from trady.engine.costs import CostTable, LayerInfo, analyze
+from trady.experiments.report import plot_profile
+from trady.selection import rank_run as profiling
+from trady.selection import ranking
+from trady.selection.ranking import LayerRank, RankAccumulator, RankingProfile, channel_norms, top_k_count
 
 
 class Tiny(nn.Module):

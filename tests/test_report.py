@@ -1,4 +1,4 @@
-"""trady.report on synthetic run folders: statistics against hand computation, JSON shape, plots."""
+"""trady.experiments.report on synthetic run folders: statistics against hand computation, JSON shape, plots."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from scipy import stats
 
 from trady.cli import report as report_cli
-from trady.errors import TradyError
-from trady.report import average_ranks, build_report, load_runs, paired_test, summarize
+from trady.core.errors import TradyError
+from trady.experiments.report import average_ranks, build_report, load_runs, paired_test, summarize
 
 FULL_UNITS = 1_252_320
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -261,8 +261,8 @@ def test_peak_memory_column_only_when_summaries_carry_it(results):
 
 
 def test_strategy_order_comes_from_the_registry():
-    from trady import strategies
-    from trady.report import strategy_order
+    from trady.experiments.report import strategy_order
+    from trady.selection import strategies
 
     names = ["full", "zz-unregistered", "trady", "s-topk-random", "bias", "d-det-rgn"]
     order = strategy_order(names)

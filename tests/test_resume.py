@@ -33,8 +33,9 @@ from helpers import (
     trady_command_killed_after_step,
     weights,
 )
-from trady import checkpoint, train
-from trady.io import read_jsonl, write_jsonl
+from trady.core.files import read_jsonl, write_jsonl
+from trady.train import checkpoint
+from trady.train import loop as train
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from helpers import MODEL, cli, error_line, tiny_config, write_profile
-from trady import checkpoint, models, train
-from trady.errors import TradyError
-from trady.io import write_json
+from trady import models
+from trady.core.errors import TradyError
+from trady.core.files import write_json
 from trady.models import mcu
+from trady.train import checkpoint
+from trady.train import loop as train
 
 
 class Payload:

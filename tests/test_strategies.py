@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from trady import strategies
-from trady.costs import CostTable, LayerInfo
-from trady.errors import TradyError
-from trady.ranking import LayerRank, RankingProfile
-from trady.strategies import SelectionContext, fill_budget
+from trady.core.errors import TradyError
+from trady.engine.costs import CostTable, LayerInfo
+from trady.selection import strategies
+from trady.selection.ranking import LayerRank, RankingProfile
+from trady.selection.strategies import SelectionContext, fill_budget
 
 SPARSE = [
     "trady",
@@ -441,7 +441,7 @@ def test_profile_must_match_model():
 @pytest.fixture(scope="module")
 def mcu_nets():
     from trady import models
-    from trady.costs import analyze
+    from trady.engine.costs import analyze
 
     out = {}
     for name in ("mbv2-w0.35", "mcunet-in1", "proxyless-w0.3"):
@@ -460,7 +460,7 @@ def _units(costs: CostTable, name: str) -> int:
 
 
 def test_su_published_mcunet_99kb_layers_channels_and_units(mcu_nets):
-    from trady.su_published import bias_layers
+    from trady.selection.strategies.su_published import bias_layers
 
     net, costs = mcu_nets["mcunet-in1"]
     convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]  # Lin et al.'s indexing
@@ -482,7 +482,7 @@ def test_su_published_mcunet_99kb_layers_channels_and_units(mcu_nets):
 def test_su_published_schemes_cost_the_tradys_paper_budgets(mcu_nets):
     # The TraDy paper's budgets (method.md: MbV2 66,592 and 93,696, MCUNet 15,936, Proxyless 25,984
     # units at 128 px) are exactly the costs of Lin et al.'s 99kb / 138kb / 49kb / 49kb schemes.
-    from trady.su_published import scheme_units
+    from trady.selection.strategies.su_published import scheme_units
 
     got = {
         (net, level): scheme_units(net, level, mcu_nets[net][1], mcu_nets[net][0])

@@ -1,4 +1,4 @@
-"""trady.sweep with fake runners: grid expansion, resume, failure isolation, parallel == serial."""
+"""trady.experiments.sweep with fake runners: grid expansion, resume, failure isolation, parallel == serial."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 
 from trady.cli import sweep as sweep_cli
 from trady.config import FinetuneConfig
-from trady.errors import TradyError
-from trady.sweep import GridPoint, SweepGrid, plan, resolve_parallelism, run_sweep, sanitise
+from trady.core.errors import TradyError
+from trady.core.formatting import sanitise
+from trady.experiments.sweep import GridPoint, SweepGrid, plan, resolve_parallelism, run_sweep
 
 # ---- fake runners (module level: "spawn" workers import them by name) ------------------------------
 
@@ -288,7 +289,7 @@ def test_cli_dry_run(tmp_path, capsys):
 
 
 def test_report_reads_a_sweep(tmp_path):
-    from trady.report import summarize
+    from trady.experiments.report import summarize
 
     run_sweep(_grid(), tmp_path, jobs=1, runner=flaky_runner, progress=False, log=lambda m: None)
     report = summarize(tmp_path)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from helpers import assert_same_weights, cli, metrics, reference_run, run_args, shared_profile, tiny_config, weights
-from trady import train
 from trady.config import FinetuneConfig
-from trady.io import read_jsonl
+from trady.core.files import read_jsonl
+from trady.train import loop as train
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from trady import models, train
+from trady import models
 from trady.config import FinetuneConfig
+from trady.core.files import write_json
 from trady.data import BatchLoader, load_dataset, stratified_split
-from trady.io import write_json
-from trady.transforms import ImageTransform
+from trady.data.transforms import ImageTransform
+from trady.train import loop as train
 
 HERE = Path(__file__).resolve().parent
 LRS = [0.01, 0.005, 0.002]  # 0.0156 and above collapse full fine-tuning (benchmarks/lr-recipe)

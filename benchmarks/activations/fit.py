@@ -3,8 +3,8 @@
     PYTHONPATH=src python benchmarks/activations/fit.py
 
 For every smooth activation at its default parameters and every bits = 1..4: a Lloyd-Max quantiser of
-d = f'(X), X ~ N(0, 1) (trady.activations.fit_table: deterministic quadrature, no sampling). Writes
-src/trady/activation_tables.json (the tables trady.activations loads) and results/fit.json +
+d = f'(X), X ~ N(0, 1) (trady.engine.activations.fit_table: deterministic quadrature, no sampling). Writes
+src/trady/activation_tables.json (the tables trady.engine.activations loads) and results/fit.json +
 results/fit.md (relative RMS error of the derivative: rms(f' - q(f')) / rms(f')).
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from trady import activations
-from trady.io import write_json, write_text
+from trady.core.files import write_json, write_text
+from trady.engine import activations
 
 HERE = Path(__file__).resolve().parent
 COMMAND = "PYTHONPATH=src python benchmarks/activations/fit.py"

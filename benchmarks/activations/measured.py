@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trady import activations, models
-from trady.bench import environment
+from trady import models
+from trady.core.files import write_json, write_text
 from trady.data import load_dataset
-from trady.io import write_json, write_text
-from trady.transforms import ImageTransform
+from trady.data.transforms import ImageTransform
+from trady.engine import activations
+from trady.experiments.bench.engine_bench import environment
 
 HERE = Path(__file__).resolve().parent
 COMMAND = "PYTHONPATH=src python benchmarks/activations/measured.py"

@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/activations/speed.py
 
 SiLU, GELU and Hardswish on a [16, 64, 56, 56] float32 tensor, 1 thread: stock F.* vs
-trady.activations.few_bit at 1..4 bits; rounds alternate the variants, medians of 9 rounds.
+trady.engine.activations.few_bit at 1..4 bits; rounds alternate the variants, medians of 9 rounds.
 Writes results/speed.json and results/speed.md.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trady import activations
-from trady.bench import environment
-from trady.io import write_json, write_text
+from trady.core.files import write_json, write_text
+from trady.engine import activations
+from trady.experiments.bench.engine_bench import environment
 
 HERE = Path(__file__).resolve().parent
 COMMAND = "PYTHONPATH=src python benchmarks/activations/speed.py"

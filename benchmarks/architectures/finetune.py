@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trady.bench import environment
+from trady.core.files import write_json, write_text
 from trady.data import load_dataset
+from trady.data.transforms import ImageTransform
 from trady.engine import EngineConfig, SparseEngine
-from trady.io import write_json, write_text
-from trady.models.modern import efficientnet_b0_like, vit_like
-from trady.transforms import ImageTransform
+from trady.experiments.bench.engine_bench import environment
+from trady.models.constructed import efficientnet_b0_like, vit_like
 
 HERE = Path(__file__).resolve().parent
 RES = 32

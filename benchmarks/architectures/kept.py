@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trady import lowbit
-from trady.bench import environment
-from trady.io import write_json, write_text
+from trady.core.files import write_json, write_text
+from trady.engine import kept_tensors as lowbit
+from trady.experiments.bench.engine_bench import environment
 
 HERE = Path(__file__).resolve().parent
 COMMAND = "PYTHONPATH=src python benchmarks/architectures/kept.py"

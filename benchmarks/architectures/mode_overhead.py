@@ -1,4 +1,4 @@
-"""Time cost of the functional-call mode (trady.functional_mode) on a ReLU-family model, which needs none.
+"""Time cost of the functional-call mode (trady.engine.functional_calls) on a ReLU-family model, which needs none.
 
     PYTHONPATH=src python benchmarks/architectures/mode_overhead.py
 
@@ -19,10 +19,11 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from trady import models, modern
-from trady.bench import environment
+from trady import models
+from trady.core.files import write_json
 from trady.engine import SparseEngine
-from trady.io import write_json
+from trady.engine import layer_kinds as modern
+from trady.experiments.bench.engine_bench import environment
 
 HERE = Path(__file__).resolve().parent
 COMMAND = "PYTHONPATH=src python benchmarks/architectures/mode_overhead.py"

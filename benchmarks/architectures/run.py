@@ -4,7 +4,7 @@ selection) and selected-slice gradient cosine to dense autograd, for each activa
     PYTHONPATH=src python benchmarks/architectures/run.py
 
 Models: the constructed small EfficientNet-B0-, MobileNetV3-, ConvNeXt- and ViT-like networks of
-trady.models.modern (random weights, BatchNorm statistics calibrated on random batches so that
+trady.models.constructed (random weights, BatchNorm statistics calibrated on random batches so that
 pre-activations are normalised as in a trained network). Batch 4; selection: an eighth of the input
 channels of 6 layers drawn from the upper two thirds of the layers (seeds 0, 1, 2); loss: a fixed
 random projection of the logits. "bytes" = every tensor kept between forward and backward
@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trady.bench import environment
-from trady.engine import EngineConfig, SparseEngine, measure_saved_bytes
-from trady.io import write_json, write_text
-from trady.models.modern import SMALL, ConvNeXtBlock, MBConv, calibrate_batchnorm, layer_weight, stock_freeze
+from trady.core.files import write_json, write_text
+from trady.engine import EngineConfig, SparseEngine
+from trady.experiments.bench.engine_bench import environment
+from trady.memory.kept_bytes import measure_saved_bytes
+from trady.models.constructed import SMALL, ConvNeXtBlock, MBConv, calibrate_batchnorm, layer_weight, stock_freeze
 
 HERE = Path(__file__).resolve().parent
 COMMAND = "PYTHONPATH=src python benchmarks/architectures/run.py"

@@ -31,10 +31,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trady import models, ops, train
+from trady import models
 from trady.config import FinetuneConfig
-from trady.costs import Selection
-from trady.run_state import make_optimizer
+from trady.engine import functions as ops
+from trady.engine.costs import Selection
+from trady.train import loop as train
+from trady.train.setup import make_optimizer
 
 
 class BatchRecorder:

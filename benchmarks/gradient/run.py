@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gradlib import GradientRun  # noqa: E402
 
 from trady.config import FinetuneConfig  # noqa: E402
-from trady.io import write_json  # noqa: E402
+from trady.core.files import write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from trady import train
 from trady.config import FinetuneConfig
-from trady.io import write_json
-from trady.run_state import make_optimizer
+from trady.core.files import write_json
+from trady.train import loop as train
+from trady.train.setup import make_optimizer
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

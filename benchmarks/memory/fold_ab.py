@@ -5,7 +5,7 @@
 A SparseConv2d with a folded BatchNorm runs its frozen (no-graph) forward either as
 conv(x, weight * scale) + shift (what sparse_modules.py does) or as conv(x, weight) then, in place,
 out * scale + shift (no weight copy). Each way in its own fresh processes (ALLOCATOR_ENV, 1 thread):
-the measured step peak (trady.measure.PeakMeter, VmHWM - VmRSS) of (a) an engine training step and
+the measured step peak (trady.memory.resident_peak.PeakMeter, VmHWM - VmRSS) of (a) an engine training step and
 (b) a no-grad forward of the engine-prepared model, mobilenet_v2 at 128 px, batch 32, 2.2%; medians
 over --repeats processes of the max over 3 steps. Then the no-grad forward's time, both ways side by
 side in one process (alternating rounds, medians). Prints the table, writes results/fold_ab.json.
@@ -31,7 +31,7 @@ RESULTS = Path(__file__).parent / "results" / "fold_ab.json"
 
 def _use(way: str) -> None:
     """Patch SparseConv2d's no-grad path to `way` (weight-copy: the tree as it is)."""
-    from trady import sparse_modules as sm
+    from trady.engine import modules as sm
 
     if way == "weight-copy" or getattr(sm.SparseConv2d, "_fold_ab_orig", None):
         sm.SparseConv2d.forward = getattr(sm.SparseConv2d, "_fold_ab_orig", sm.SparseConv2d.forward)
@@ -54,9 +54,9 @@ def _use(way: str) -> None:
 
 
 def child(way: str) -> dict:
-    from trady.measure import PeakMeter
-    from trady.memory_bench import MemoryBenchConfig, step_inputs
-    from trady.variants import build
+    from trady.experiments.bench.memory_bench import MemoryBenchConfig, step_inputs
+    from trady.experiments.bench.variants import build
+    from trady.memory.resident_peak import PeakMeter
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -85,8 +85,8 @@ def child(way: str) -> dict:
 
 
 def timing(rounds: int) -> dict:
-    from trady.memory_bench import MemoryBenchConfig, step_inputs
-    from trady.variants import build
+    from trady.experiments.bench.memory_bench import MemoryBenchConfig, step_inputs
+    from trady.experiments.bench.variants import build
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -120,9 +120,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child)))
         return
-    from trady.io import write_json
-    from trady.measure import ALLOCATOR_ENV
-    from trady.text import mib
+    from trady.core.files import write_json
+    from trady.core.formatting import mib
+    from trady.memory.resident_peak import ALLOCATOR_ENV
 
     env = {**os.environ, **ALLOCATOR_ENV, "OMP_NUM_THREADS": "1"}
     runs = {w: [] for w in WAYS}

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from trady import ops as new_ops
-from trady.io import write_json
+from trady.core.files import write_json
+from trady.engine import functions as new_ops
 
 SHAPES = [(32, 96, 64, 64), (32, 144, 32, 32)]
 BOUNDS = [(0.0, 6.0), (0.0, None)]
@@ -44,8 +44,8 @@ def _once(ops, x, grad, lo, hi) -> float:
 
 def engine_steps(old, model: str, rounds: int) -> dict:
     """Engine steps alternating the old and this tree's ClampMaskFn (one engine, one process)."""
-    from trady.memory_bench import MemoryBenchConfig, step_inputs
-    from trady.variants import build
+    from trady.experiments.bench.memory_bench import MemoryBenchConfig, step_inputs
+    from trady.experiments.bench.variants import build
 
     torch.set_flush_denormal(True)
     inp, _ = step_inputs(MemoryBenchConfig(model=model))

@@ -3,7 +3,7 @@
     python benchmarks/memory/ops_timelines.py OLD_OPS_PY [--micro-batch 4]
 
 Copies this tree's src/ to a temporary folder with OLD_OPS_PY as trady/ops.py, profiles one engine
-step of mobilenet_v2 (128 px, batch 32, 2.2%) in each tree in a fresh process (trady.memory_timeline,
+step of mobilenet_v2 (128 px, batch 32, 2.2%) in each tree in a fresh process (trady.experiments.bench.timeline_table,
 the allocator's accounting), and writes results/ops_timelines.json and prints, per block, the
 highest live MiB of the engine's forward and backward: old -> new.
 """
@@ -19,14 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trady.io import write_json
+from trady.core.files import write_json
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / "src"
 CHILD = """
 import json, sys
-from trady.memory_bench import MemoryBenchConfig
-from trady.memory_timeline import timeline_for
+from trady.experiments.bench.memory_bench import MemoryBenchConfig
+from trady.experiments.bench.timeline_table import timeline_for
 micro = int(sys.argv[1]) or None
 t = timeline_for(MemoryBenchConfig(model="mobilenet_v2", micro_batch_size=micro), sys.argv[2])
 print(json.dumps({k: t[k] for k in ("inference_peak_live_bytes", "engine_peak_live_bytes", "per_block")}))

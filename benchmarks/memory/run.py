@@ -18,13 +18,22 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from trady.bench import environment
-from trady.io import write_json, write_text
-from trady.memory_bench import MemoryBenchConfig, bench_memory, format_result, time_micro_batches
-from trady.memory_timeline import format_timeline, timeline_for
-from trady.text import mib
+from trady.core.files import write_json, write_text
+from trady.core.formatting import mib
+from trady.experiments.bench.engine_bench import environment
+from trady.experiments.bench.memory_bench import (
+    MemoryBenchConfig,
+    bench_memory,
+    format_memory_bench,
+    time_micro_batches,
+)
+from trady.experiments.bench.timeline_table import format_timeline, timeline_for
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from targets import check_targets, format_targets, load_targets  # noqa: E402  (benchmarks/targets.py)
+
+TARGETS = load_targets(HERE)
 
 
 def grid(quick: bool) -> list[MemoryBenchConfig]:
@@ -40,7 +49,7 @@ def grid(quick: bool) -> list[MemoryBenchConfig]:
     return out
 
 
-_mib = functools.partial(mib, digits=1, unit="")  # MiB cells of the table (trady.text)
+_mib = functools.partial(mib, digits=1, unit="")  # MiB cells of the table (trady.core.formatting)
 
 
 def _range(r: dict, v: str) -> str:
@@ -120,13 +129,14 @@ def main() -> int:
     for cfg in grid(args.quick):
         print(f"== {cfg.model} micro={cfg.micro_batch_size} allocator_control={cfg.allocator_control}", flush=True)
         r = bench_memory(cfg, progress=lambda m: print("  " + m, flush=True))
+        r["targets"] = check_targets(r["ratios"], TARGETS["micro_batch_targets" if cfg.micro_batch_size else "targets"])
         if cfg.allocator_control:
             name = f"timeline-{cfg.model}" + (f"-micro{cfg.micro_batch_size}" if cfg.micro_batch_size else "")
             r["timeline"] = timeline_for(cfg, str(out / f"{name}.png"))
             r["timeline"]["png"] = f"{name}.png"
         if cfg.micro_batch_size:
             r["micro_timing"] = time_micro_batches(cfg)
-        print(format_result(r), flush=True)
+        print(format_memory_bench(r) + "\n" + format_targets(r["targets"]), flush=True)
         results.append(r)
         env = environment(1)
         write_json(out / "memory.json", {"command": command, "environment": env, "results": results})

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from trady.io import write_json
-from trady.profiling import compute_profile
-from trady.ranking import RankingProfile, spearman_layer_order
+from trady.core.files import write_json
+from trady.selection.rank_run import compute_profile
+from trady.selection.ranking import RankingProfile, spearman_layer_order
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

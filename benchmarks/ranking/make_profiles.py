@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from trady.profiling import compute_profile
+from trady.selection.rank_run import compute_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ROOT / "src" / "trady" / "profiles"

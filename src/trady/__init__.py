@@ -1,10 +1,11 @@
 """trady: fine-tune a pretrained network under a hard training-memory budget.
 
 The any-model API, importable from `trady` itself:
-- `trady.rank(model, batches, ...) -> RankingProfile`: the layer ranking of any nn.Module (trady.profiling);
+- `trady.rank(model, batches, ...) -> RankingProfile`: the layer ranking of any nn.Module (trady.selection.rank_run);
 - `trady.Tuner(model, example_input, strategy=..., budget=..., profile=...)`: a strategy's draws from
-  the user's own training loop (trady.tuner);
-- `trady.RankingProfile`: the profile's JSON form (trady.ranking).
+  the user's own training loop (trady.selection.tuner);
+- `trady.RankingProfile`: the profile's JSON form (trady.selection.ranking);
+- `trady.TradyCallback`: the PyTorch Lightning callback (trady.train.lightning; extra trady[lightning]).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -21,8 +22,13 @@ def _package_version() -> str:
 __version__ = _package_version()
 
 # Loaded on first use: `import trady` (and the CLI's start) stays free of torch until one is needed.
-_EXPORTS = {"rank": "trady.profiling", "Tuner": "trady.tuner", "RankingProfile": "trady.ranking"}
-__all__ = ["RankingProfile", "Tuner", "__version__", "rank"]
+_EXPORTS = {
+    "rank": "trady.selection.rank_run",
+    "Tuner": "trady.selection.tuner",
+    "RankingProfile": "trady.selection.ranking",
+    "TradyCallback": "trady.train.lightning",  # needs the trady[lightning] extra
+}
+__all__ = ["RankingProfile", "TradyCallback", "Tuner", "__version__", "rank"]
 
 
 def __getattr__(name: str):
@@ -31,3 +37,7 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'trady' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

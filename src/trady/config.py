@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trady.errors import TradyError
-from trady.microbatch import check_micro_batch
+from trady.core.errors import TradyError
 
-CHECKPOINT = "checkpoint.pt"  # the run folder's checkpoint file (written by trady.checkpoint)
+CHECKPOINT = "checkpoint.pt"  # the run folder's checkpoint file (written by trady.train.checkpoint)
 # The one list of settings that never change what a run computes (where it writes, how it reports, how
 # fast it runs, where it finds files whose contents are checked anyway): a resume may change them
 # (`trady finetune --resume DIR --threads 2`), and a sweep ignores them when it checks that a finished
@@ -19,6 +18,11 @@ CHECKPOINT = "checkpoint.pt"  # the run folder's checkpoint file (written by tra
 NON_RESULT_SETTINGS = (
     "out", "progress", "threads", "device", "measure_memory", "control_allocator", "data_dir", "mcu_dir",
 )  # fmt: skip
+
+
+def check_micro_batch(micro_batch_size: int | None) -> None:
+    if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or micro_batch_size < 1):
+        raise TradyError(f"micro_batch_size must be a positive integer or None, got {micro_batch_size!r}")
 
 
 @dataclass
@@ -39,7 +43,7 @@ class FinetuneConfig:
     profile: str | None = None  # layer-ranking profile JSON; None: the one shipped for the model
     epochs: int = 10
     batch_size: int = 32
-    micro_batch_size: int | None = None  # split each step's batch; gradients accumulate (trady.microbatch)
+    micro_batch_size: int | None = None  # split each step's batch; gradients accumulate (trady.train.microbatch)
     lr: float = 0.125
     classifier_lr: float | None = None  # the fresh head's base LR; None: same as lr
     classifier_init: str = "default"  # the fresh head: "default" (PyTorch's) or "zeros"
@@ -57,7 +61,7 @@ class FinetuneConfig:
     threads: int | None = None
     progress: bool = True
     measure_memory: bool = True
-    # glibc settings for the measured step (trady.measure.PeakMeter): process-wide and not fully undoable
+    # glibc settings for the measured step (trady.memory.resident_peak.PeakMeter): process-wide and not fully undoable
     # (glibc's dynamic mmap threshold stays off), so off for library callers; the CLI turns it on
     control_allocator: bool = False
 

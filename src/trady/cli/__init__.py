@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from trady import __version__
-from trady.errors import TradyError
+from trady.core.errors import TradyError
 
 # Module names under trady.cli, in the order `trady --help` lists them.
 COMMAND_MODULES = ["finetune", "plan", "rank", "sweep", "report", "bench", "models_cmd"]

@@ -1,4 +1,6 @@
-"""`trady bench engine`: what a training step keeps and costs, engine vs. stock PyTorch (trady.bench)."""
+"""`trady bench engine`: what a training step keeps and costs, engine vs. stock PyTorch.
+
+The benches themselves are trady.experiments.bench.engine_bench and memory_bench."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ import json
 import shlex
 import sys
 
-from trady.errors import TradyError
-from trady.io import write_json
+from trady.core.errors import TradyError
+from trady.core.files import write_json
 
 
 def register(subparsers) -> None:
@@ -70,7 +72,7 @@ def _register_memory(sub) -> None:
 
 
 def _add_step_arguments(p: argparse.ArgumentParser, threads_help: str, threads: int | None) -> None:
-    """The step's arguments, shared by both benches (trady.bench.StepBenchConfig), and the output ones."""
+    """The step's arguments, shared by both benches (engine_bench.StepBenchConfig), and the output ones."""
     p.add_argument("--model", required=True, help="zoo model name (trady models)")
     p.add_argument("--resolution", type=int, default=128, help="input size in pixels (default 128)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of a step (default 32)")
@@ -110,7 +112,7 @@ def _step_fields(args: argparse.Namespace) -> dict:
 
 
 def run_memory(args: argparse.Namespace) -> int:
-    from trady.memory_bench import MemoryBenchConfig, bench_memory, format_result
+    from trady.experiments.bench.memory_bench import MemoryBenchConfig, bench_memory, format_memory_bench
 
     config = MemoryBenchConfig(
         **_step_fields(args), micro_batch_size=args.micro_batch, repeats=args.repeats, steps=args.steps,
@@ -120,17 +122,17 @@ def run_memory(args: argparse.Namespace) -> int:
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = bench_memory(config, progress=progress)
     if args.timeline:
-        from trady.memory_timeline import timeline_for
+        from trady.experiments.bench.timeline_table import timeline_for
 
         result["timeline"] = timeline_for(config, args.timeline)
     result["command"] = _command()
 
     def table() -> str:
         if not args.timeline:
-            return format_result(result)
-        from trady.memory_timeline import format_timeline
+            return format_memory_bench(result)
+        from trady.experiments.bench.timeline_table import format_timeline
 
-        return format_result(result) + "\n\n" + format_timeline(result["timeline"])
+        return format_memory_bench(result) + "\n\n" + format_timeline(result["timeline"])
 
     return _emit(args, result, table)
 
@@ -141,7 +143,7 @@ def _missing(parser: argparse.ArgumentParser) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trady.bench import EngineBenchConfig, format_result, run_engine_bench
+    from trady.experiments.bench.engine_bench import EngineBenchConfig, format_engine_bench, run_engine_bench
 
     config = EngineBenchConfig(
         **_step_fields(args), top_fraction=args.top_fraction, rounds=args.rounds, warmup=args.warmup
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             raise TradyError(f"device {config.device!r} requested but no CUDA device is available; accepted here: cpu")
     result = run_engine_bench(config)
     result["environment"]["command"] = _command()
-    return _emit(args, result, lambda: format_result(result))
+    return _emit(args, result, lambda: format_engine_bench(result))
 
 
 def _command() -> str:

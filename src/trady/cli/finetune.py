@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from trady.config import NON_RESULT_SETTINGS, FinetuneConfig
-from trady.errors import TradyError
-from trady.text import mib, pct
+from trady.core.errors import TradyError
+from trady.core.formatting import mib, pct
 
 
 def add_config_arguments(p) -> None:
@@ -189,8 +189,8 @@ def _resume_config(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trady import distributed
-    from trady.train import finetune
+    from trady.core import distributed
+    from trady.train.loop import finetune
 
     if args.resume:
         config = _resume_config(args)

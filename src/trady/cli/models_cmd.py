@@ -7,8 +7,8 @@ import json
 
 import torch
 
-from trady.errors import TradyError
-from trady.text import render_table
+from trady.core.errors import TradyError
+from trady.core.formatting import render_table
 
 
 def register(subparsers) -> None:

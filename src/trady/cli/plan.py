@@ -1,6 +1,6 @@
 """`trady plan`: the per-layer, per-input-channel costs of a model and what a budget buys.
 
-The numbers come from trady.planning (its docstring lists the `--json` keys, a stable interface);
+The numbers come from trady.train.plan (its docstring lists the `--json` keys, a stable interface);
 this module parses the options and prints the table.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from trady.errors import TradyError
-from trady.planning import plan
-from trady.text import fmt_bytes, render_table
+from trady.core.errors import TradyError
+from trady.core.formatting import fmt_bytes, render_table
+from trady.train.plan import plan
 
 
 def register(sub) -> None:
@@ -22,7 +22,7 @@ def register(sub) -> None:
         "units C'*k*k/g, activation units H*W of its input, weight-derivative FLOPs) and the totals of full "
         "fine-tuning; with --budget, the budget in units, its share of full fine-tuning and its bytes, and "
         "for one TraDy draw the predicted step peak (max(inference working set, backward transient) + "
-        "budgeted bytes + the rest kept for backward + classifier gradients; trady.step_peak, one no-grad "
+        "budgeted bytes + the rest kept for backward + classifier gradients; trady.train.prediction, one no-grad "
         "forward profiled here) and the step-time floor (1 + the share of forward FLOPs at and above the "
         "lowest selected layer, in forwards); --micro-batch (needs --budget) predicts them per micro-batch.",
     )
@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if args.micro_batch is not None and args.budget is None:
         raise TradyError(f"--micro-batch {args.micro_batch} needs --budget (it sizes the predicted step peak)")
     p = plan(args.model, args.resolution, args.budget, args.batch_size, args.mcu_dir)
-    if args.budget is not None:  # the predicted step peak and step-time floor of a TraDy draw (trady.step_peak)
-        from trady.step_peak import format_prediction, predict_step_peak
+    if args.budget is not None:  # the predicted step peak and step-time floor of a TraDy draw (trady.train.prediction)
+        from trady.train.prediction import format_prediction, predict_step_peak
 
         p["step_peak"] = predict_step_peak(
             args.model, p["resolution"], args.budget, args.batch_size, args.micro_batch, mcu_dir=args.mcu_dir

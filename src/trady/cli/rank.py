@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from trady.ranking import DEFAULT_THRESHOLD
+from trady.selection.ranking import DEFAULT_THRESHOLD
 
 
 def register(sub) -> None:
@@ -48,9 +48,9 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from trady.errors import TradyError
-    from trady.profiling import compute_profile
-    from trady.report import plot_profile
+    from trady.core.errors import TradyError
+    from trady.experiments.report import plot_profile
+    from trady.selection.rank_run import compute_profile
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from trady.report import build_report, format_report
+    from trady.experiments.report import build_report, format_report
 
     report = build_report(args.dir, plots=args.plots, profile=args.profile, out_dir=args.out, metric=args.metric)
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from trady.errors import TradyError
+from trady.core.errors import TradyError
 
 # FinetuneConfig fields settable directly on the command line: (flag, field, type, metavar).
 COMMON_FIELDS = [
@@ -103,7 +103,7 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 
 def build_grid(args):
-    from trady.sweep import SweepGrid
+    from trady.experiments.sweep import SweepGrid
 
     data = SweepGrid.load(args.grid).to_dict() if args.grid else {"base": {}}
     base = dict(data.get("base") or {})
@@ -121,7 +121,7 @@ def build_grid(args):
 
 
 def run(args) -> int:
-    from trady import sweep
+    from trady.experiments import sweep
 
     grid = build_grid(args)
     if args.dry_run:

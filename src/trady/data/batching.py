@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from trady.core.errors import TradyError
 from trady.data.datasets import ImageDataset
 from trady.data.seeding import AUGMENT, SHUFFLE, torch_generator
-from trady.errors import TradyError
 
 
 class BatchLoader:

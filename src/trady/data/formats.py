@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trady.errors import TradyError
+from trady.core.errors import TradyError
 
 
 def read_bytes(path: Path) -> bytes:

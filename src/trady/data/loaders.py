@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trady.core.errors import TradyError, unknown_name
 from trady.data.datasets import DatasetPair, ImageDataset, ImageFolderDataset, TensorImageDataset
 from trady.data.formats import read_cifar_binary, read_idx
 from trady.data.seeding import TEST_SUBSET, TRAIN_SUBSET
 from trady.data.splits import stratified_split, stratified_subset
-from trady.errors import TradyError, unknown_name
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_MNIST_ENV = "TRADY_FASHION_MNIST_DIR"

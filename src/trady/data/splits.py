@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trady.core.errors import TradyError
 from trady.data.seeding import SPLIT, TRAIN_SUBSET, seeded_rng
-from trady.errors import TradyError
 
 
 def _sorted_cat(parts: list[np.ndarray]) -> torch.Tensor:

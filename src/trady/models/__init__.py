@@ -20,7 +20,7 @@ from trady.models.weights import load_into, load_state_dict_file
 def weights_status(name: str, mcu_dir=None) -> str:
     """'installed', 'missing: <how to get it>' or 'user file (weights=PATH)' for a zoo model's
     pretrained weights (checked here, nothing is downloaded)."""
-    from trady.errors import TradyError
+    from trady.core.errors import TradyError
 
     packages = {"mobilenet_v2": mobilenet_v2.WEIGHTS, **efficientnet_lite.WEIGHTS}
     if name in packages:

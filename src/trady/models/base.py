@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trady.errors import TradyError
+from trady.core.errors import TradyError
 
 
 class ZooModel(nn.Module):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from trady.errors import TradyError
+from trady.core.errors import TradyError
 
 MEAN = (0.485, 0.456, 0.406)  # the normalisation trady's datasets apply for a user model
 STD = (0.229, 0.224, 0.225)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trady.errors import TradyError
+from trady.core.errors import TradyError
 from trady.models.base import ZooModel, init_weights
 from trady.models.registry import ModelSpec, register
 from trady.models.weights import verify_sha256

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trady.errors import TradyError, unknown_name
+from trady.core.errors import TradyError, unknown_name
 from trady.models.base import ZooModel, check_num_classes
 from trady.models.weights import head_size, load_into, load_state_dict_file
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trady.errors import TradyError
-from trady.io import unpickling_refusal
-from trady.text import one_line
+from trady.core.errors import TradyError
+from trady.core.files import unpickling_refusal
+from trady.core.formatting import one_line
 
 # Files hashed once per process: {(path, size, mtime_ns): hex digest}.
 _DIGESTS: dict[tuple[str, int, int], str] = {}
