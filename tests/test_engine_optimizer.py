@@ -1,13 +1,6 @@
-"""The channel-sparse engine against dense autograd on the unmodified model.
-
-One table of small layer/model factories runs through the same checks (`_round`):
-(a) forward outputs equal, (b) every selected slice gradient equals the dense gradient at that slice,
-(c) classifier gradients equal, (d) after an SGD step + sync() the model's state dict is the dense
-model's weights minus lr x dense gradient on the selected entries and the classifier, bit-identical
-everywhere else (buffers included), (e) no full-size gradient on any frozen or partially updated
-weight, (f) measured budgeted bytes == analytic, no graph below the lowest selected layer; then
-(g) a second selection on the same engine (no re-preparation) and (h) restore().
-Then the zoo at small resolution, the tensors kept for backward, unsupported kinds and errors.
+"""Optimizers across selections: multi-step training (eager and torch.compile) equals dense autograd with
+masked gradients, momentum kept or restarted per layer, loaded optimizer state for other channels, and
+optimizers built from the model's parameters or the head alone.
 """
 
 from __future__ import annotations
@@ -21,10 +14,6 @@ from torch import nn
 from cases import LR, Case, _build, _channel_mask, _close, _loss, _randomize_bn, conv_bn_relu6_chain
 from trady.engine import SparseEngine
 from trady.errors import TradyError
-
-# ---------------------------------------------------------------------------------------------
-# Off the common path: torch.compile, stale optimizers, other input sizes, strict guards, ...
-# ---------------------------------------------------------------------------------------------
 
 
 def _small_net() -> nn.Sequential:
