@@ -1,7 +1,8 @@
 """Modern architectures with the default (few-bit) EngineConfig: bytes kept vs stock freezing, gradient
 cosine vs dense autograd; functional calls; squeeze-excitation, LayerNorm and attention keeping less.
 
-(Exactness in the exact mode: the modern cases of the shared CASES table in tests/test_engine.py.)
+(Exactness in the exact mode: the modern cases of the shared CASES table in tests/cases.py, run by
+tests/test_engine_exactness.py.)
 """
 
 from __future__ import annotations
