@@ -399,7 +399,7 @@ class TinyTransformer(nn.Module):
 
 
 # Modern cases run in the exact mode (stock-equivalent keeping, gradients to fp32 rounding); the few-bit
-# default is checked against dense autograd by cosine in tests/test_modern.py.
+# default is checked against dense autograd by cosine in tests/test_engine_layer_kinds.py.
 EXACT = EngineConfig(activation_bits=None, kept_precision="fp32")
 
 

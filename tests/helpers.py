@@ -162,7 +162,7 @@ def error_line(capsys, argv: list) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# any-model tests (test_anymodel, test_lightning, test_readme): real digits batches, hand slicing
+# any-model tests (test_tuner, test_lightning, test_readme): real digits batches, hand slicing
 
 
 def digits_batches(n: int = 256, batch: int = 32, split: str = "train") -> list[tuple[torch.Tensor, torch.Tensor]]:

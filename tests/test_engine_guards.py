@@ -39,7 +39,7 @@ def _with_module(mid: nn.Module) -> nn.Sequential:
     )  # fmt: skip
 
 
-UNSUPPORTED = {  # (SiLU, GELU, LeakyReLU, LayerNorm, ...: supported, tests/test_modern.py)
+UNSUPPORTED = {  # (SiLU, GELU, LeakyReLU, LayerNorm, ...: supported, tests/test_engine_layer_kinds.py)
     "Softplus": lambda: nn.Softplus(),
     "PReLU": lambda: nn.PReLU(),
     "SELU": lambda: nn.SELU(),
