@@ -26,7 +26,7 @@ from torch import nn
 
 from trady.core.errors import TradyError, unknown_name
 from trady.core.files import write_json
-from trady.engine.costs import CostTable, LayerInfo
+from trady.engine.costs import CostTable, LayerInfo, layer_weight
 
 DEFAULT_THRESHOLD = 0.97
 PROFILE_KEYS = ("rgn", "lara", "grad_norm")
@@ -358,7 +358,8 @@ class RankAccumulator:
     def update(self) -> None:
         for lay in self.costs.layers:
             module = self.modules[lay.name]
-            grad = module.weight.grad
+            weight = layer_weight(module)  # a MultiheadAttention's layer is its in_proj_weight
+            grad = None if weight is None else weight.grad
             if grad is None:
                 continue  # no gradient reached this layer: it contributes zero
             cn = channel_norms(grad, getattr(module, "groups", 1)).to("cpu", torch.float64)
