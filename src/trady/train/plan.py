@@ -31,21 +31,35 @@ def plan(
     batch_size: int = 32,
     mcu_dir: str | None = None,
 ) -> dict:
-    """The plan of a zoo model (built without pretrained weights) as a JSON-ready dict."""
-    from trady import models
-
-    spec = models.spec(model_name)
-    res = spec.resolution if resolution is None else resolution
+    """The plan of a zoo model (built without pretrained weights) or of a user model
+    (`path/to/file.py:build_fn`, `package.module:build_fn`: runs that code; give `resolution`) as a
+    JSON-ready dict. The head of a user model is the last Conv2d/Linear its forward calls."""
+    model, classifier, default_res = build_for_plan(model_name, resolution, mcu_dir)
+    res = default_res if resolution is None else resolution
     if isinstance(res, bool) or not isinstance(res, int) or res < 1:
-        raise TradyError(f"invalid resolution {res!r}; accepted: a positive number of pixels, e.g. {spec.resolution}")
+        example = default_res or 128
+        raise TradyError(f"invalid resolution {res!r}; accepted: a positive number of pixels, e.g. {example}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TradyError(f"invalid batch size {batch_size!r}; accepted: a positive integer")
-    model = models.create(model_name, pretrained=False, mcu_dir=mcu_dir)
     try:
-        table = analyze(model, (1, 3, res, res), classifier=models.classifier_name(model))
+        table = analyze(model, (1, 3, res, res), classifier=classifier)
     except RuntimeError as err:  # e.g. a resolution too small for the network's strides
         raise TradyError(f"model {model_name!r} cannot run at resolution {res}: {err}") from None
     return plan_from_table(table, model_name, res, budget, batch_size)
+
+
+def build_for_plan(model_name: str, resolution: int | None, mcu_dir: str | None = None):
+    """(model, classifier name or None, default resolution or None) of a zoo name or a user entry point."""
+    from trady import models
+    from trady.models import entry
+
+    if entry.is_entry_point(model_name):
+        if resolution is None:
+            raise TradyError(f"model {model_name!r} is a user model: give its input resolution (--resolution)")
+        return entry.build(model_name).eval(), None, None
+    spec = models.spec(model_name)
+    model = models.create(model_name, pretrained=False, mcu_dir=mcu_dir)
+    return model, models.classifier_name(model), spec.resolution
 
 
 def plan_from_table(table: CostTable, model_name: str, resolution: int, budget, batch_size: int) -> dict:

@@ -32,7 +32,7 @@ import torch
 
 from trady.config import check_micro_batch
 from trady.core.errors import TradyError
-from trady.core.formatting import mib
+from trady.core.formatting import fmt_bytes, mib
 from trady.experiments.bench.engine_bench import StepBenchConfig
 
 MEMORY_VARIANTS = ("inference", "engine", "freeze", "full")
@@ -74,11 +74,16 @@ def step_inputs(config: MemoryBenchConfig, mcu_dir: str | None = None):
     from trady.engine.costs import analyze, parse_budget
     from trady.experiments.bench.engine_bench import candidate_layers, random_selection
     from trady.experiments.bench.variants import StepInputs
+    from trady.models import entry
     from trady.selection import ranking, strategies
 
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
-    model = models.create(config.model, pretrained=config.pretrained, num_classes=config.num_classes, mcu_dir=mcu_dir)
+    if entry.is_entry_point(config.model):  # the user's builder, run in this (child) process
+        model = entry.build(config.model, num_classes=config.num_classes)
+    else:
+        model = models.create(config.model, pretrained=config.pretrained, num_classes=config.num_classes,
+                              mcu_dir=mcu_dir)  # fmt: skip
     model = model.to(device).eval()
     gen = torch.Generator().manual_seed(config.seed)
     res, b = config.resolution, config.batch_size
@@ -215,7 +220,8 @@ def bench_memory(config: MemoryBenchConfig, progress=None) -> dict:
         for v in config.variants:
             runs[v].append(run_child(config, v))
             if progress:
-                progress(f"round {r + 1}/{config.repeats} {v}: {runs[v][-1]['peak_bytes']} bytes")
+                peak = fmt_bytes(runs[v][-1]["peak_bytes"])
+                progress(f"round {r + 1}/{config.repeats} {v}: measured step peak {peak}")
     result: dict = {}
     for v, rs in runs.items():
         peaks = [x["peak_bytes"] for x in rs]
@@ -273,9 +279,9 @@ def format_memory_bench(r: dict) -> str:
     lines = [
         f"memory benchmark: {s['model']} @ {s['resolution']} px, batch {s['batch_size']}{micro}, budget {s['budget']}, "
         f"{s['repeats']} fresh processes per variant, {s['steps']} measured steps each, {s['threads']} thread(s)",
-        f"peak = {s['measure']}; allocator control {'on' if s['allocator_env'] else 'off'}",
+        f"measured step peak = {s['measure']}; allocator control {'on' if s['allocator_env'] else 'off'}",
         "",
-        f"{'variant':<12}{'peak, MiB (median)':>20}{'range':>18}{'x inference':>13}{'step (median)':>16}",
+        f"{'variant':<12}{'measured step peak, MiB (median)':>34}{'range':>18}{'x inference':>13}{'step (median)':>16}",
     ]
     inf = r.get("inference_peak_bytes")
     for v in MEMORY_VARIANTS:
@@ -284,7 +290,7 @@ def format_memory_bench(r: dict) -> str:
         p, (lo, hi) = r[f"{v}_peak_bytes"], r[f"{v}_peak_range_bytes"]
         ratio = f"{p / inf:.2f}x" if inf else "-"
         lines.append(
-            f"{v:<12}{_mib(p):>20}{_mib(lo) + '-' + _mib(hi):>18}{ratio:>13}{r[f'{v}_step_s'] * 1e3:>13.0f} ms"
+            f"{v:<12}{_mib(p):>34}{_mib(lo) + '-' + _mib(hi):>18}{ratio:>13}{r[f'{v}_step_s'] * 1e3:>13.0f} ms"
         )
     if "engine_saved_bytes" in r:
         pred = r["prediction"]
@@ -292,7 +298,7 @@ def format_memory_bench(r: dict) -> str:
             "",
             f"engine: kept for backward {_mib(r['engine_saved_bytes'])} MiB (budgeted: measured "
             f"{r['engine_budgeted_bytes']} / analytic {r['analytic_budgeted_bytes']} bytes)",
-            f"predicted engine peak {_mib(r['predicted_engine_peak_bytes'])} MiB "
+            f"predicted engine step peak {_mib(r['predicted_engine_peak_bytes'])} MiB "
             f"(inference working set {_mib(pred['inference_working_set_bytes'])} + budgeted "
             f"{_mib(pred['budgeted_bytes'])} + masks and rest {_mib(pred['kept_rest_bytes'])} + gradients "
             f"{_mib(pred['gradient_bytes'])}; backward transient {_mib(pred['backward_transient_bytes'])}) "
