@@ -109,9 +109,20 @@ def _alike(values: list, tol: float = 0.005) -> bool:
     return not got or max(got) - min(got) <= tol
 
 
+SPARSITY_METRICS = [("activation_sparsity", "activation sparsity"), ("weight_sparsity", "weight-derivative sparsity"),
+                    ("flops_reduction", "weight-derivative FLOPs saved")]
+
+
+def sparsity_series(rows: list[dict]) -> list[tuple[str, str]]:
+    """The bars per strategy of the sparsity plot: the three metrics, or one bar where they agree in every
+    row (three equal bars say nothing more than one)."""
+    if all(_alike([r.get(k) for k, _ in SPARSITY_METRICS]) for r in rows):
+        return [("activation_sparsity", "sparsity (activation, weight-derivative and FLOPs alike)")]
+    return SPARSITY_METRICS
+
+
 def plot_sparsity(report: dict, out_dir: Path) -> list[str]:
-    metrics = [("activation_sparsity", "activation sparsity"), ("weight_sparsity", "weight-derivative sparsity"),
-               ("flops_reduction", "weight-derivative FLOPs saved")]
+    metrics = SPARSITY_METRICS
     bar_colours = ["#4C72B0", "#DD8452", "#55A868"]
     files = []
     for (model, dataset), rows in by_model_dataset(report["rows"]).items():
@@ -121,9 +132,7 @@ def plot_sparsity(report: dict, out_dir: Path) -> list[str]:
             continue
         budgets = sorted({r["budget_units"]: r["budget_pct"] for r in sparse}.items())
         strategies = strategy_order(r["strategy"] for r in sparse)
-        shown = metrics
-        if all(_alike([r[k] for k, _ in metrics]) for r in sparse):  # three equal bars say nothing more than one
-            shown = [("activation_sparsity", "sparsity (activation, weight-derivative and FLOPs alike)")]
+        shown = sparsity_series(sparse)
         # one panel per budget, stacked, sharing the strategy axis (labels once, at the bottom)
         fig = _figure(max(6.0, 0.95 * len(strategies) + 1.8), 2.3 * len(budgets) + 1.3)
         axes = fig.subplots(len(budgets), 1, squeeze=False, sharex=True)[:, 0]
