@@ -65,8 +65,21 @@ def test_every_run_folder_key_is_documented(run_folder):
 
 
 def test_every_bench_key_is_documented_and_progress_is_readable(tmp_path, monkeypatch, capsys):
-    # the children run in this process (the keys are the same; fresh processes cost seconds each)
-    monkeypatch.setattr(memory_bench, "run_child", lambda config, v: memory_bench.measure_variant(config, v))
+    # the children run in this process (the keys are the same; fresh processes cost seconds each); --quick
+    # asks for the forking parent, which is this fake here (tests/test_user_model_memory.py runs the real one)
+    class InProcess:
+        started = []
+
+        def __init__(self, config):
+            InProcess.started.append(config.fork)
+
+        def measure(self, config, variant):
+            return memory_bench.measure_variant(config, variant)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(memory_bench, "Zygote", InProcess)
     small = ["--model", "mbv2-w0.35", "--resolution", "32", "--batch-size", "2", "--no-pretrained", "--threads", "1"]
     assert cli(["bench", "memory", *small, "--quick", "--out", tmp_path / "m.json"]) == 0
     captured = capsys.readouterr()
@@ -74,7 +87,9 @@ def test_every_bench_key_is_documented_and_progress_is_readable(tmp_path, monkey
     assert len(progress) == len(VARIANTS) and all(re.search(r"measured step peak [\d.]+ [KMG]?i?B$", p)
                                                   for p in progress), progress  # fmt: skip
     assert "bytes" not in captured.err and "measured step peak, MiB" in captured.out
+    assert InProcess.started == [True]
     memory = json.loads((tmp_path / "m.json").read_text())
+    assert memory["setup"]["repeats"] == 1 and memory["setup"]["steps"] == 1 and memory["setup"]["fork"]
     assert keys(memory) - listed(section("`trady bench memory")) == set()
     assert cli(["bench", "engine", *small, "--rounds", "1", "--warmup", "0", "--out", tmp_path / "e.json"]) == 0
     assert "kept for backward" in capsys.readouterr().out

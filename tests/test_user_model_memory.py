@@ -40,5 +40,14 @@ def test_bench_memory_child_builds_the_user_model():
     inp, source = memory_bench.step_inputs(config)
     assert type(inp.model).__name__ == "UserNet" and inp.costs.names == analyze(build(), (1, 3, 16, 16)).names
     assert source.startswith("top")  # no shipped profile for a user model
-    child = memory_bench.run_child(config, "engine")  # a fresh process: it imports and runs the user's file
-    assert child["variant"] == "engine" and child["selected_channels"] > 0 and child["peak_bytes"] is not None
+    zygote = memory_bench.Zygote(config)  # the --quick parent: each measuring process is forked from it
+    try:
+        for variant in ("inference", "engine"):  # the forked processes import and run the user's file
+            child = zygote.measure(config, variant)
+            assert child["variant"] == variant and child["peak_bytes"] is not None and child["allocator_env"]
+        assert child["selected_channels"] > 0
+        with pytest.raises(TradyError, match="child for 'nope' failed: TradyError: unknown step variant"):
+            zygote.measure(config, "nope")
+    finally:
+        zygote.close()
+    assert zygote.proc.returncode == 0

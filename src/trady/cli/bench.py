@@ -66,8 +66,9 @@ def _register_memory(sub) -> None:
     m.add_argument("--repeats", type=int, default=None, help="fresh processes per variant (default 3; --quick: 1)")
     m.add_argument("--steps", type=int, default=None, help="measured steps per process (default 3; --quick: 1)")
     m.add_argument("--quick", action="store_true",
-                   help="one fresh process per variant and one measured step: each process start (importing "
-                   "torch) is most of the time on a small model; the figures then have no range")  # fmt: skip
+                   help="one process per variant, each forked from one that imported torch once and never ran "
+                   "a step (no import per process: most of the time on a small model), one measured step; "
+                   "the figures then have no range")  # fmt: skip
     m.add_argument("--variants", default="inference,engine,freeze,full", help="comma-separated subset")
     m.add_argument("--no-allocator-control", action="store_true", help="children run with glibc's malloc defaults")
     m.add_argument("--timeline", default=None, help="also profile one engine and one inference step: PNG path")
@@ -123,7 +124,7 @@ def run_memory(args: argparse.Namespace) -> int:
         **_step_fields(args), micro_batch_size=args.micro_batch,
         repeats=args.repeats if args.repeats is not None else 1 if args.quick else 3,
         steps=args.steps if args.steps is not None else 1 if args.quick else 3,
-        allocator_control=not args.no_allocator_control,
+        allocator_control=not args.no_allocator_control, fork=args.quick,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
     )  # fmt: skip
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
