@@ -29,6 +29,12 @@ def test_plan_of_a_user_model(name, capsys):
     assert printed["step_peak"]["model"] == name and printed["step_peak"]["predicted_step_peak_bytes"] > 0
 
 
+def test_plan_of_an_nn_module():
+    p = plan(build(), resolution=16, budget="10%", batch_size=4)
+    from_file = plan(FILE, resolution=16, budget="10%", batch_size=4)
+    assert p["model"] == "UserNet" and p == {**from_file, "model": "UserNet"}
+
+
 def test_plan_of_a_user_model_needs_a_resolution():
     with pytest.raises(TradyError, match="is a user model: give its input resolution"):
         plan(FILE)
