@@ -66,3 +66,20 @@ def test_attention_rank_is_the_input_projection_gradient() -> None:
         assert lay.kind == "linear" and lay.in_channels == grad.shape[1]
         expected = float((grad.double().norm(dim=0) / (lay.weight_units + lay.activation_units)).sum())
         assert lay.rgn == pytest.approx(expected, rel=1e-5)
+
+
+def test_cli_ranks_a_vit_from_a_user_file(tmp_path) -> None:
+    """`trady rank --model vit.py:build` (the issue's report): the attention layers are ranked too."""
+    from helpers import cli
+    from trady.selection.ranking import RankingProfile
+
+    (tmp_path / "vit.py").write_text(
+        "from trady.models.constructed import vit_like\n\n\ndef build(num_classes=10):\n"
+        "    return vit_like(num_classes=num_classes, image=16).eval()\n"
+    )
+    out = tmp_path / "vit.json"
+    assert cli(["rank", "--model", f"{tmp_path / 'vit.py'}:build", "--resolution", "16", "--epochs", "1",
+                "--train-size", "16", "--batch-size", "8", "--out", out, "--no-progress"]) == 0  # fmt: skip
+    profile = RankingProfile.load(out)
+    attention = [lay for lay in profile.layers if lay.name.endswith("attn")]
+    assert attention and all(lay.rgn > 0 for lay in attention)

@@ -51,7 +51,7 @@ def bare_profile(batches):
 
 def test_bare_profile_drives_the_wrapped_network_as_the_bare_one(batches, bare_profile):
     x = batches[0][0][:1]
-    bare, wrapped = build(), Wrapper()
+    bare, wrapped = build(), Wrapper().eval()
     t_bare = trady.Tuner(bare, x, budget="20%", profile=bare_profile, seed=2)
     t_wrap = trady.Tuner(wrapped, x, budget="20%", profile=bare_profile, seed=2)
     assert t_wrap.profile.names == [f"net.{n}" for n in bare_profile.names]
