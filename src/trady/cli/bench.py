@@ -63,8 +63,12 @@ def _register_memory(sub) -> None:
     )
     _add_step_arguments(m, threads_help="torch threads per process (default 1)", threads=1)
     m.add_argument("--micro-batch", type=int, default=None, help="split each step into micro-batches of this size")
-    m.add_argument("--repeats", type=int, default=3, help="fresh processes per variant (default 3)")
-    m.add_argument("--steps", type=int, default=3, help="measured steps per process (default 3)")
+    m.add_argument("--repeats", type=int, default=None, help="fresh processes per variant (default 3; --quick: 1)")
+    m.add_argument("--steps", type=int, default=None, help="measured steps per process (default 3; --quick: 1)")
+    m.add_argument("--quick", action="store_true",
+                   help="one process per variant, each forked from one that imported torch once and never ran "
+                   "a step (no import per process: most of the time on a small model), one measured step; "
+                   "the figures then have no range")  # fmt: skip
     m.add_argument("--variants", default="inference,engine,freeze,full", help="comma-separated subset")
     m.add_argument("--no-allocator-control", action="store_true", help="children run with glibc's malloc defaults")
     m.add_argument("--timeline", default=None, help="also profile one engine and one inference step: PNG path")
@@ -73,7 +77,9 @@ def _register_memory(sub) -> None:
 
 def _add_step_arguments(p: argparse.ArgumentParser, threads_help: str, threads: int | None) -> None:
     """The step's arguments, shared by both benches (engine_bench.StepBenchConfig), and the output ones."""
-    p.add_argument("--model", required=True, help="zoo model name (trady models)")
+    p.add_argument("--model", required=True,
+                   help="zoo model name (trady models), or your own: path/to/file.py:build_fn or "
+                   "package.module:build_fn (this imports and RUNS that code, in each fresh process too)")
     p.add_argument("--resolution", type=int, default=128, help="input size in pixels (default 128)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of a step (default 32)")
     p.add_argument("--budget", default="2.2%", help="units (27946), bytes (256KB) or share of full fine-tuning (2.2%%)")
@@ -115,8 +121,10 @@ def run_memory(args: argparse.Namespace) -> int:
     from trady.experiments.bench.memory_bench import MemoryBenchConfig, bench_memory, format_memory_bench
 
     config = MemoryBenchConfig(
-        **_step_fields(args), micro_batch_size=args.micro_batch, repeats=args.repeats, steps=args.steps,
-        allocator_control=not args.no_allocator_control,
+        **_step_fields(args), micro_batch_size=args.micro_batch,
+        repeats=args.repeats if args.repeats is not None else 1 if args.quick else 3,
+        steps=args.steps if args.steps is not None else 1 if args.quick else 3,
+        allocator_control=not args.no_allocator_control, fork=args.quick,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
     )  # fmt: skip
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -26,13 +26,17 @@ def register(sub) -> None:
         "forward profiled here) and the step-time floor (1 + the share of forward FLOPs at and above the "
         "lowest selected layer, in forwards); --micro-batch (needs --budget) predicts them per micro-batch.",
     )
-    p.add_argument("--model", required=True, help="zoo model name (see `trady models`)")
+    p.add_argument("--model", required=True,
+                   help="zoo model name (see `trady models`), or your own: path/to/file.py:build_fn or "
+                   "package.module:build_fn (this imports and RUNS that code; give --resolution)")  # fmt: skip
     p.add_argument("--resolution", type=int, help="input resolution in pixels (default: the model's)")
     p.add_argument("--budget", help="units (27946), bytes (256KB, 1.5MiB) or share of full fine-tuning (2.2%%); "
                    "also prints the predicted step peak and step-time floor")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="batch for the byte figures (default 32)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="needs --budget: predict the step peak for micro-batches of this size")  # fmt: skip
+    p.add_argument("--profile", help="with --budget: the layer-ranking profile (JSON of `trady rank`) the draw "
+                   "uses (default: the zoo model's shipped one; none: a D-Full Random draw over all layers)")
     p.add_argument("--mcu-dir", help="folder of the paper's int8 MCU models (default ../shared/models/mcu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         from trady.train.prediction import format_prediction, predict_step_peak
 
         p["step_peak"] = predict_step_peak(
-            args.model, p["resolution"], args.budget, args.batch_size, args.micro_batch, mcu_dir=args.mcu_dir
+            args.model, p["resolution"], args.budget, args.batch_size, args.micro_batch, mcu_dir=args.mcu_dir,
+            profile=args.profile,
         )
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     if args.budget is not None and not args.json:

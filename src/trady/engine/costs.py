@@ -202,6 +202,14 @@ def updatable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))}
 
 
+def layer_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight whose input channels a layer of the cost table stands for: a Conv2d's or Linear's
+    `weight`, a MultiheadAttention's `in_proj_weight` (None when it has separate q/k/v projections)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight
+    return module.weight
+
+
 class _NoOpFunctionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))

@@ -12,6 +12,7 @@ retention, no code pages): trady.memory.resident_peak.PeakMeter measures the pro
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,10 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 _MARK = "trady:"
+# Kineto (the profiler's backend) writes "USDT: ... profiler_start/stop" lines to the C-level stderr at
+# every profile; its log level is read from the environment when the profiler starts, and 6 is above
+# all of its levels (its errors surface as Python exceptions anyway). A value the user set is kept.
+KINETO_QUIET = {"KINETO_LOG_LEVEL": "6"}
 
 
 @dataclass
@@ -68,6 +73,8 @@ def profile_step(model: nn.Module, step: Callable[[], None], top: int = 12) -> S
 
     for name, module in _leaf_modules(model):
         handles.append(module.register_forward_hook(fwd_hook(name)))
+    for key, value in KINETO_QUIET.items():
+        os.environ.setdefault(key, value)
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             _mark("start")

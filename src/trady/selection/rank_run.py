@@ -149,6 +149,22 @@ class _Snapshot:
             m.training = self.modes[n]
 
 
+def _at_most(pair, train_size: int | None, seed: int):
+    """The pair with at most `train_size` training images: the same seeded stratified subset that
+    load_dataset(train_size=...) takes, or every image when the dataset has no more."""
+    from dataclasses import replace
+
+    from trady.data.seeding import TRAIN_SUBSET
+    from trady.data.splits import stratified_subset
+
+    if train_size is not None and (isinstance(train_size, bool) or int(train_size) < 1):
+        raise TradyError(f"train_size must be a positive integer or None, got {train_size!r}")
+    if train_size is None or len(pair.train) <= train_size:
+        return pair
+    subset = pair.train.subset(stratified_subset(pair.train.labels, int(train_size), seed, TRAIN_SUBSET))
+    return replace(pair, train=subset)
+
+
 def compute_profile(
     model_name: str,
     data: str = "digits",
@@ -166,7 +182,8 @@ def compute_profile(
     progress: Progress | None = None,
 ) -> RankingProfile:
     """`rank()` of a zoo model (pretrained) or a user model (`file.py:build_fn`, `package.module:build_fn`)
-    on a trady dataset (`trady rank`): `train_size` images, `resolution` px, batches of `batch_size`."""
+    on a trady dataset (`trady rank`): at most `train_size` images (a seeded stratified subset; all of
+    them when the dataset has fewer; None: all), `resolution` px, batches of `batch_size`."""
     from trady import models
     from trady.data import BatchLoader, load_dataset
     from trady.data.transforms import ImageTransform
@@ -176,7 +193,7 @@ def compute_profile(
     if batch_size < 1:
         raise TradyError(f"batch_size must be >= 1, got {batch_size}")
     torch.manual_seed(seed)
-    pair = load_dataset(data, data_dir=data_dir, train_size=train_size, test_size=1, seed=seed)
+    pair = _at_most(load_dataset(data, data_dir=data_dir, test_size=1, seed=seed), train_size, seed)
     if entry.is_entry_point(model_name):
         if resolution is None:
             raise TradyError(f"model {model_name!r} is a user model: give its input resolution (--resolution)")

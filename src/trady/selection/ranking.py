@@ -26,7 +26,7 @@ from torch import nn
 
 from trady.core.errors import TradyError, unknown_name
 from trady.core.files import write_json
-from trady.engine.costs import CostTable, LayerInfo
+from trady.engine.costs import CostTable, LayerInfo, layer_weight
 
 DEFAULT_THRESHOLD = 0.97
 PROFILE_KEYS = ("rgn", "lara", "grad_norm")
@@ -189,6 +189,33 @@ class RankingProfile:
                     f"layer-ranking profile of {self.model!r} does not match the model: "
                     f"profile layer {name!r} is not in the model"
                 )
+
+    def matched_to(self, costs: CostTable) -> RankingProfile:
+        """This profile under the cost table's layer names: itself when the names are the same; renamed
+        when every layer matches exactly one model layer by a dotted suffix, either way round (a profile
+        ranked on the bare network used on a wrapper holding it, e.g. `conv1` on `net.conv1`, or the
+        reverse); otherwise one line naming the first layer that matches none or several."""
+        if set(self.names) == set(costs.names):
+            return self
+        rename, taken = {}, set()
+        for name in self.names:
+            hits = [c for c in costs.names if c == name or c.endswith("." + name) or name.endswith("." + c)]
+            if len(hits) != 1 or hits[0] in taken:
+                found = ("no model layer" if not hits else "model layers " + ", ".join(repr(h) for h in hits[:3])
+                         if len(hits) > 1 else f"model layer {hits[0]!r}, which another profile layer matched")
+                raise TradyError(
+                    f"layer-ranking profile of {self.model!r} does not match the model: profile layer {name!r} "
+                    f"matches {found}; accepted: a profile ranked on this model or on the network it wraps "
+                    "(layer names matched by a unique dotted suffix)"
+                )  # fmt: skip
+            rename[name] = hits[0]
+            taken.add(hits[0])
+        if len(taken) != len(costs.names):
+            missing = next(c for c in costs.names if c not in taken)
+            raise TradyError(f"layer-ranking profile of {self.model!r} does not match the model: model layer "
+                             f"{missing!r} is missing from the profile")  # fmt: skip
+        layers = [dataclasses.replace(lay, name=rename[lay.name]) for lay in self.layers]
+        return dataclasses.replace(self, layers=layers, extra={**self.extra, "names_matched_by_suffix": True})
 
     def for_costs(self, costs: CostTable, resolution: int | None = None) -> RankingProfile:
         """The profile re-weighted to another cost table of the same model (e.g. another resolution).
@@ -358,7 +385,8 @@ class RankAccumulator:
     def update(self) -> None:
         for lay in self.costs.layers:
             module = self.modules[lay.name]
-            grad = module.weight.grad
+            weight = layer_weight(module)  # a MultiheadAttention's layer is its in_proj_weight
+            grad = None if weight is None else weight.grad
             if grad is None:
                 continue  # no gradient reached this layer: it contributes zero
             cn = channel_norms(grad, getattr(module, "groups", 1)).to("cpu", torch.float64)

@@ -114,6 +114,8 @@ class Tuner:
         engine_config = config or EngineConfig()
         self.costs: CostTable = analyze(model, example_input=example_input, classifier=engine_config.classifier)
         self.profile = _as_profile(profile)
+        if self.profile is not None:  # a profile of the bare network fits the same network in a wrapper
+            self.profile = self.profile.matched_to(self.costs)
         self.mode = self.strategy.mode
         self.notes: list[str] = []
         self.budget_units: int | None = None
@@ -170,9 +172,12 @@ class Tuner:
 
         Groups: {"name": "backbone", "params": every layer's slice tensor (empty while unselected; the
         engine resizes them in place, so an optimizer built once stays valid) and biases when trained}
-        and {"name": "classifier", "params": the head's parameters}, empty groups left out; the list goes
-        straight into any torch.optim optimizer (rebuilding it each epoch, as the paper's SGD does, is
-        fine). `grad_batches` overrides the constructor's batches of the full-gradient pass (d-/s-det-rgn)."""
+        and {"name": "classifier", "params": the head's parameters}, empty groups left out. Each group's
+        "param_names" (PyTorch's own key, kept in `optimizer.param_groups` and its state_dict) names its
+        tensors as `named_parameters()` does. The list goes straight into any torch.optim optimizer
+        (rebuilding it each epoch, as the paper's SGD does, is fine; so is one optimizer for the whole
+        run: a slice keeps its state, e.g. momentum, while its layer's channels stay the same).
+        `grad_batches` overrides the constructor's batches of the full-gradient pass (d-/s-det-rgn)."""
         self._check_live()
         if isinstance(epoch, bool) or int(epoch) < 1:
             raise TradyError(f"epoch must be a whole number >= 1, got {epoch!r}")
@@ -227,15 +232,35 @@ class Tuner:
         return [p for g in self.param_groups() for p in g["params"]]
 
     def param_groups(self) -> list[dict[str, Any]]:
+        """[{"name": "backbone"|"classifier", "params": [...], "param_names": [...]}] (start_epoch says more)."""
         head = self.model.get_submodule(self.costs.classifier)
         head_ids = set(map(id, head.parameters()))
+        named = self.named_parameters()
+        groups = []
+        for group, in_head in (("backbone", False), ("classifier", True)):
+            members = [(n, p) for n, p in named if (id(p) in head_ids) == in_head]
+            if members:
+                names, params = zip(*members)
+                groups.append({"name": group, "params": list(params), "param_names": list(names)})
+        return groups
+
+    def named_parameters(self, trained_only: bool = False) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of everything the optimizer must hold, in `parameters()` order. A layer's slice is
+        named after the weight it updates (`"blocks.0.conv.weight"`, a MultiheadAttention's
+        `"<name>.in_proj_weight"`) and holds the selected input channels of it (layout:
+        `trady.engine.functions.gather_slice`; `tuner.selection[layer]` lists them); it is empty (0 channels)
+        while its layer is unselected: it stays in the list so that an optimizer built once holds it when
+        a later draw selects the layer (optimizers skip tensors without a gradient). Classifier and
+        trained biases keep their model names. trained_only: without the empty slices."""
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
         if self.engine is not None:
+            for layer, module in self.engine.layers.items():
+                weight = "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+                by_id[id(module.trady.w_slice)] = f"{layer}.{weight}"
             params = self.engine.parameters()
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
-        body = [p for p in params if id(p) not in head_ids]
-        clf = [p for p in params if id(p) in head_ids]
-        return [{"name": n, "params": ps} for n, ps in (("backbone", body), ("classifier", clf)) if ps]
+        return [(by_id[id(p)], p) for p in params if not (trained_only and p.numel() == 0)]
 
     # -- gradient statistics --------------------------------------------------------------------------
     def _record_norms(self) -> None:

@@ -13,7 +13,9 @@ which torch optimizers skip. With `resample_every` it redraws every N optimizer 
 `accumulate_grad_batches=k`, every N*k batches). The tuner's state is the callback's state in
 Lightning checkpoints (an exact resume of the draws; the optimizer's loaded slice state, e.g. momentum,
 is kept only for a slice whose channels are the ones it was made for); at fit end the module gets its
-stock layers back, the trained values in its own weights. One optimizer only.
+stock layers back, the trained values in its own weights. One optimizer only. A profile ranked on the
+bare network fits the LightningModule that holds it (`conv1` matches `net.conv1`: layer names are
+matched by a unique dotted suffix, `RankingProfile.matched_to`).
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ class TradyCallback(lightning.Callback):
         # engine resizes them in place at each draw, so they stay valid for the whole fit).
         optimizer = _torch_optimizer(trainer.optimizers[0])
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        slices = [p for p in self.tuner.parameters() if id(p) not in held]
-        optimizer.param_groups[0]["params"].extend(slices)
+        slices = [(n, p) for n, p in self.tuner.named_parameters() if id(p) not in held]
+        optimizer.param_groups[0]["params"].extend(p for _, p in slices)
+        if "param_names" in optimizer.param_groups[0]:  # an optimizer built from named parameters
+            optimizer.param_groups[0]["param_names"].extend(n for n, _ in slices)
 
     def on_train_epoch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         pl_module.eval()  # Lightning sets train mode; prepared BatchNorms are frozen either way, dropout is off

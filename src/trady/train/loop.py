@@ -19,6 +19,7 @@ slices, classifier, biases) are averaged over the ranks each step, and only rank
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,22 +63,47 @@ def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params]
 
 
+STEM_LOSS_FACTOR = 10.0  # a loss this many times the first step's, with the stem trained, is worth a line
+
+
+def _watch_stem(run: Run, loss: float, epoch: int, step: int) -> None:
+    """One line (and a summary note) the first time the loss passes STEM_LOSS_FACTOR x the first step's
+    while the draw trains the stem (the first layer): its input is the raw image, where an lr that suits
+    the deeper layers can blow the features up."""
+    if run.first_loss is None:
+        run.first_loss = loss
+        return
+    if run.stem_warned or not loss > STEM_LOSS_FACTOR * run.first_loss or not run.costs.layers:
+        return
+    stem = run.costs.layers[0].name
+    if run.mode != "full" and stem not in run.tuner.selection:
+        return
+    run.stem_warned = True
+    note = (f"loss {loss:.3g} at epoch {epoch}, step {step + 1} is over {STEM_LOSS_FACTOR:g}x the first step's "
+            f"({run.first_loss:.3g}) while the stem {stem!r} trains; a lower --lr may help")  # fmt: skip
+    run.notes.append(note)
+    if run.rank == 0:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+
+
 def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure: bool) -> dict[str, Any]:
-    """One epoch: forward, loss, backward, optimizer step, tuner step; the StepMeter measures two steps."""
+    """One epoch: forward, loss, backward, optimizer step, tuner step; the StepMeter measures two steps.
+    Its `lr` is the mean of the steps' learning rates (the last step's is 0 at the end of the cosine)."""
     config, loader = run.config, run.train_loader
     loader.set_epoch(epoch)
     steps = len(loader)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    loss_sum, correct, seen, lr = 0.0, 0, 0, _set_lr(run, optimizer, epoch, 0, steps)
+    loss_sum, correct, seen, lr_sum = 0.0, 0, 0, 0.0
     bar = _progress(loader, config, f"epoch {epoch}/{config.epochs}", run.rank)
     with StepMeter(run, steps, enabled=measure) as meter:
         for i, (x, y) in enumerate(bar):
             x, y = x.to(run.device), y.to(run.device)
-            lr = _set_lr(run, optimizer, epoch, i, steps)
+            lr_sum += _set_lr(run, optimizer, epoch, i, steps)
             optimizer.zero_grad(set_to_none=True)
             with meter.step(i):
                 logits, loss = accumulate_gradients(meter.forward_loss(i), x, y, config.micro_batch_size)
                 _check_finite(run, loss, epoch, i, steps)
+                _watch_stem(run, float(loss), epoch, i)
                 if run.world > 1:  # data parallel: average the trained tensors' gradients over the ranks
                     run.comm_elements = distributed.all_reduce_mean_(_grads(params))
                 optimizer.step()  # the tuner's optimizer pre-hook records MeDyate's gradient norms first
@@ -93,6 +119,7 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
             raise NonFiniteLoss(epoch, what="weights", where="at the end of")
     if run.world > 1:  # the epoch's metrics over the global batches
         loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], run.device)
+    lr = lr_sum / steps if steps else _set_lr(run, optimizer, epoch, 0, 1)
     return {"lr": lr, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), **meter.results()}
 
 

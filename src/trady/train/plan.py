@@ -14,6 +14,8 @@ slots once per sample. A budget given in bytes is read per sample (batch 1), as 
 
 from __future__ import annotations
 
+from torch import nn
+
 from trady.core.errors import TradyError
 from trady.engine.costs import CostTable, analyze, bytes_per_slot, parse_budget
 
@@ -25,27 +27,48 @@ def _bytes_at(weight_units: float, activation_units: float, batch: int) -> int:
 
 
 def plan(
-    model_name: str,
+    model_name: str | nn.Module,
     resolution: int | None = None,
     budget: str | None = None,
     batch_size: int = 32,
     mcu_dir: str | None = None,
 ) -> dict:
-    """The plan of a zoo model (built without pretrained weights) as a JSON-ready dict."""
-    from trady import models
-
-    spec = models.spec(model_name)
-    res = spec.resolution if resolution is None else resolution
+    """The plan of a zoo model (built without pretrained weights) or of a user model
+    (`path/to/file.py:build_fn`, `package.module:build_fn`: runs that code; or the nn.Module itself; give
+    `resolution`) as a JSON-ready dict. The head of a user model is the last Conv2d/Linear its forward calls."""
+    model, classifier, default_res = build_for_plan(model_name, resolution, mcu_dir)
+    if not isinstance(model_name, str):
+        model_name = type(model_name).__name__
+    res = default_res if resolution is None else resolution
     if isinstance(res, bool) or not isinstance(res, int) or res < 1:
-        raise TradyError(f"invalid resolution {res!r}; accepted: a positive number of pixels, e.g. {spec.resolution}")
+        example = default_res or 128
+        raise TradyError(f"invalid resolution {res!r}; accepted: a positive number of pixels, e.g. {example}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TradyError(f"invalid batch size {batch_size!r}; accepted: a positive integer")
-    model = models.create(model_name, pretrained=False, mcu_dir=mcu_dir)
     try:
-        table = analyze(model, (1, 3, res, res), classifier=models.classifier_name(model))
+        table = analyze(model, (1, 3, res, res), classifier=classifier)
     except RuntimeError as err:  # e.g. a resolution too small for the network's strides
         raise TradyError(f"model {model_name!r} cannot run at resolution {res}: {err}") from None
     return plan_from_table(table, model_name, res, budget, batch_size)
+
+
+def build_for_plan(model_name: str, resolution: int | None, mcu_dir: str | None = None):
+    """(model, classifier name or None, default resolution or None) of a zoo name, a user entry point or
+    an nn.Module (analysed as it is: costs need only one no-grad forward)."""
+    from trady import models
+    from trady.models import entry
+
+    if isinstance(model_name, nn.Module):
+        if resolution is None:
+            raise TradyError(f"model {type(model_name).__name__} is a user model: give its input resolution")
+        return model_name, None, None
+    if entry.is_entry_point(model_name):
+        if resolution is None:
+            raise TradyError(f"model {model_name!r} is a user model: give its input resolution (--resolution)")
+        return entry.build(model_name).eval(), None, None
+    spec = models.spec(model_name)
+    model = models.create(model_name, pretrained=False, mcu_dir=mcu_dir)
+    return model, models.classifier_name(model), spec.resolution
 
 
 def plan_from_table(table: CostTable, model_name: str, resolution: int, budget, batch_size: int) -> dict:

@@ -60,8 +60,9 @@ def predict_step_peak(
 ) -> dict:
     """The prediction for one draw as a JSON-ready dict (bytes).
 
-    `model`: a zoo name (built without pretrained weights; its shipped profile is used) or any nn.Module
-    taking [B, 3, resolution, resolution] (left untouched: the engine prepares a copy). `profile`: a
+    `model`: a zoo name (built without pretrained weights; its shipped profile is used), a user builder
+    (`file.py:build_fn`, `package.module:build_fn`: runs that code) or any nn.Module taking
+    [B, 3, resolution, resolution] (left untouched: the engine prepares a copy). `profile`: a
     RankingProfile (or its path) for a TraDy draw; a zoo model without one, or a module without a profile,
     gets a D-Full Random draw over all layers, which reaches lower layers and so predicts no less.
     """
@@ -72,11 +73,14 @@ def predict_step_peak(
     from trady.engine import EngineConfig, SparseEngine
     from trady.engine.costs import analyze
     from trady.memory.timeline import profile_step
+    from trady.models import entry
     from trady.selection import ranking, strategies
 
     check_micro_batch(micro_batch_size)
     torch.manual_seed(seed)
-    if isinstance(model, str):
+    if isinstance(model, str) and entry.is_entry_point(model):  # a user's builder: runs that code
+        model_name, module = model, entry.build(model, num_classes=num_classes)
+    elif isinstance(model, str):
         model_name = model
         module = models.create(model, pretrained=False, num_classes=num_classes, mcu_dir=mcu_dir)
         classifier = classifier or models.classifier_name(module)
@@ -95,7 +99,7 @@ def predict_step_peak(
         out_classes = module(x[:1]).shape[-1]
     y = torch.randint(0, out_classes, (b,), generator=gen)
     if profile is not None:
-        profile.check_layers(costs)
+        profile = profile.matched_to(costs)
     draw = strategies.draw_once(costs, budget, profile=profile, model=module, seed=seed)
     selection, drawn_by = draw
 

@@ -59,6 +59,8 @@ class Run:
     notes: list[str] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None  # persistent optimizer of full/classifier/bias
     comm_elements: int = 0  # data parallel: gradient elements all-reduced per step (last step)
+    first_loss: float | None = None  # the loss of this process's first training step (the stem warning)
+    stem_warned: bool = False
 
     # the tuner's view, under the names the loop and the summary use
     @property

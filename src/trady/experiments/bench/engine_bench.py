@@ -463,7 +463,7 @@ def format_engine_bench(r: dict) -> str:
         f"budget {s['budget']} = {s['budget_units']} units ({s['selected_units']} used), "
         f"{s['selected_channels']} channels in {s['selected_layers']} layers from {s['layer_source']}",
         "",
-        f"{'variant':<16}{'saved for backward':>20}{'gradients':>14}{'step (median)':>16}{'x forward':>11}"
+        f"{'variant':<16}{'kept for backward':>20}{'gradients':>14}{'step (median)':>16}{'x forward':>11}"
         f"{'CPU time':>13}{'x forward':>11}",
     ]
     fwd, fwd_cpu = r["forward_step_s"], r.get("forward_step_cpu_s")

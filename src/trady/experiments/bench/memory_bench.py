@@ -24,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 
 from trady.config import check_micro_batch
 from trady.core.errors import TradyError
-from trady.core.formatting import mib
+from trady.core.formatting import fmt_bytes, mib
 from trady.experiments.bench.engine_bench import StepBenchConfig
 
 MEMORY_VARIANTS = ("inference", "engine", "freeze", "full")
@@ -49,6 +50,9 @@ class MemoryBenchConfig(StepBenchConfig):
     warmup: int = 1
     allocator_control: bool = True
     variants: tuple[str, ...] = MEMORY_VARIANTS
+    # Each measuring process forked from one that imported torch once (and never ran a step) instead of
+    # a new interpreter each: the same untouched start, without an import of torch per process.
+    fork: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -74,11 +78,16 @@ def step_inputs(config: MemoryBenchConfig, mcu_dir: str | None = None):
     from trady.engine.costs import analyze, parse_budget
     from trady.experiments.bench.engine_bench import candidate_layers, random_selection
     from trady.experiments.bench.variants import StepInputs
+    from trady.models import entry
     from trady.selection import ranking, strategies
 
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
-    model = models.create(config.model, pretrained=config.pretrained, num_classes=config.num_classes, mcu_dir=mcu_dir)
+    if entry.is_entry_point(config.model):  # the user's builder, run in this (child) process
+        model = entry.build(config.model, num_classes=config.num_classes)
+    else:
+        model = models.create(config.model, pretrained=config.pretrained, num_classes=config.num_classes,
+                              mcu_dir=mcu_dir)  # fmt: skip
     model = model.to(device).eval()
     gen = torch.Generator().manual_seed(config.seed)
     res, b = config.resolution, config.batch_size
@@ -167,10 +176,47 @@ def time_micro_batches(config: MemoryBenchConfig, rounds: int = 5) -> dict:
             "micro_batch_size": config.micro_batch_size, "batch_size": config.batch_size}  # fmt: skip
 
 
+def _config_from(data: dict) -> MemoryBenchConfig:
+    return MemoryBenchConfig(**{**data, "variants": tuple(data["variants"])})
+
+
 def _child_main(argv: list[str]) -> int:
-    data = json.loads(argv[0])
-    data["variants"] = tuple(data["variants"])
-    print(json.dumps(measure_variant(MemoryBenchConfig(**data), argv[1])))
+    if argv and argv[0] == "--zygote":
+        return _zygote_main()
+    print(json.dumps(measure_variant(_config_from(json.loads(argv[0])), argv[1])))
+    return 0
+
+
+def _zygote_main() -> int:
+    """A process that has imported torch and trady but never run a step; for each request line on stdin
+    ({"config", "variant"}) it forks a child that measures the variant and sends back one JSON line. Each
+    child starts from the same untouched state (no allocator history of earlier steps), as a fresh
+    process would, without paying for importing torch again."""
+    import torch._dynamo  # noqa: F401 - the first optimizer imports it (seconds): once here, not per child
+
+    from trady import engine, models  # noqa: F401 - loaded once, before the forks
+    from trady.experiments.bench import engine_bench, variants  # noqa: F401
+    from trady.memory import resident_peak  # noqa: F401
+    from trady.selection import ranking, strategies  # noqa: F401
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, write the result, leave without running the zygote's cleanup
+            os.close(read_end)
+            try:
+                out = {"ok": measure_variant(_config_from(request["config"]), request["variant"])}
+            except BaseException as err:  # noqa: BLE001 - reported to the parent as one line
+                out = {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
+            with os.fdopen(write_end, "w") as fh:
+                fh.write(json.dumps(out))
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as fh:
+            text = fh.read()
+        _, status = os.waitpid(pid, 0)
+        print(text or json.dumps({"error": f"the measuring process died (wait status {status})"}), flush=True)
     return 0
 
 
@@ -183,7 +229,7 @@ def _src_root() -> str:
     return str(Path(__file__).resolve().parents[3])  # src/, above trady/experiments/bench/
 
 
-def run_child(config: MemoryBenchConfig, variant: str) -> dict:
+def _child_env(config: MemoryBenchConfig) -> dict:
     from trady.memory.resident_peak import ALLOCATOR_ENV
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -191,6 +237,44 @@ def run_child(config: MemoryBenchConfig, variant: str) -> dict:
         env.update(ALLOCATOR_ENV)
     env["OMP_NUM_THREADS"] = str(config.threads)
     env["PYTHONPATH"] = os.pathsep.join([_src_root()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+class Zygote:
+    """The forking parent of the quick mode's measuring processes (see _zygote_main); one per bench run,
+    started with the run's allocator environment (glibc reads it when the process starts)."""
+
+    def __init__(self, config: MemoryBenchConfig) -> None:
+        cmd = [sys.executable, "-m", "trady.experiments.bench.memory_bench", "--zygote"]
+        self.errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: warnings can never fill it and block
+        self.proc = subprocess.Popen(cmd, env=_child_env(config), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.errors, text=True)  # fmt: skip
+
+    def measure(self, config: MemoryBenchConfig, variant: str) -> dict:
+        self.proc.stdin.write(json.dumps({"config": asdict(config), "variant": variant}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.errors.seek(0)
+            tail = self.errors.read().strip().splitlines()[-1:] or ["(no output)"]
+            raise TradyError(f"memory bench process for {variant!r} failed: {tail[0]}")
+        out = json.loads(line)
+        if "error" in out:
+            raise TradyError(f"memory bench child for {variant!r} failed: {out['error']}")
+        return out["ok"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.errors.close()
+
+
+def run_child(config: MemoryBenchConfig, variant: str) -> dict:
+    """One variant measured in a fresh interpreter."""
+    env = _child_env(config)
     cmd = [sys.executable, "-m", "trady.experiments.bench.memory_bench", json.dumps(asdict(config)), variant]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -211,11 +295,17 @@ def bench_memory(config: MemoryBenchConfig, progress=None) -> dict:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise TradyError(f"device {config.device!r} requested but no CUDA device is available; accepted here: cpu")
     runs: dict[str, list[dict]] = {v: [] for v in config.variants}
-    for r in range(config.repeats):
-        for v in config.variants:
-            runs[v].append(run_child(config, v))
-            if progress:
-                progress(f"round {r + 1}/{config.repeats} {v}: {runs[v][-1]['peak_bytes']} bytes")
+    zygote = Zygote(config) if config.fork else None
+    try:
+        for r in range(config.repeats):
+            for v in config.variants:
+                runs[v].append(zygote.measure(config, v) if zygote is not None else run_child(config, v))
+                if progress:
+                    peak = fmt_bytes(runs[v][-1]["peak_bytes"])
+                    progress(f"round {r + 1}/{config.repeats} {v}: measured step peak {peak}")
+    finally:
+        if zygote is not None:
+            zygote.close()
     result: dict = {}
     for v, rs in runs.items():
         peaks = [x["peak_bytes"] for x in rs]
@@ -273,9 +363,9 @@ def format_memory_bench(r: dict) -> str:
     lines = [
         f"memory benchmark: {s['model']} @ {s['resolution']} px, batch {s['batch_size']}{micro}, budget {s['budget']}, "
         f"{s['repeats']} fresh processes per variant, {s['steps']} measured steps each, {s['threads']} thread(s)",
-        f"peak = {s['measure']}; allocator control {'on' if s['allocator_env'] else 'off'}",
+        f"measured step peak = {s['measure']}; allocator control {'on' if s['allocator_env'] else 'off'}",
         "",
-        f"{'variant':<12}{'peak, MiB (median)':>20}{'range':>18}{'x inference':>13}{'step (median)':>16}",
+        f"{'variant':<12}{'measured step peak, MiB (median)':>34}{'range':>18}{'x inference':>13}{'step (median)':>16}",
     ]
     inf = r.get("inference_peak_bytes")
     for v in MEMORY_VARIANTS:
@@ -284,7 +374,7 @@ def format_memory_bench(r: dict) -> str:
         p, (lo, hi) = r[f"{v}_peak_bytes"], r[f"{v}_peak_range_bytes"]
         ratio = f"{p / inf:.2f}x" if inf else "-"
         lines.append(
-            f"{v:<12}{_mib(p):>20}{_mib(lo) + '-' + _mib(hi):>18}{ratio:>13}{r[f'{v}_step_s'] * 1e3:>13.0f} ms"
+            f"{v:<12}{_mib(p):>34}{_mib(lo) + '-' + _mib(hi):>18}{ratio:>13}{r[f'{v}_step_s'] * 1e3:>13.0f} ms"
         )
     if "engine_saved_bytes" in r:
         pred = r["prediction"]
@@ -292,7 +382,7 @@ def format_memory_bench(r: dict) -> str:
             "",
             f"engine: kept for backward {_mib(r['engine_saved_bytes'])} MiB (budgeted: measured "
             f"{r['engine_budgeted_bytes']} / analytic {r['analytic_budgeted_bytes']} bytes)",
-            f"predicted engine peak {_mib(r['predicted_engine_peak_bytes'])} MiB "
+            f"predicted engine step peak {_mib(r['predicted_engine_peak_bytes'])} MiB "
             f"(inference working set {_mib(pred['inference_working_set_bytes'])} + budgeted "
             f"{_mib(pred['budgeted_bytes'])} + masks and rest {_mib(pred['kept_rest_bytes'])} + gradients "
             f"{_mib(pred['gradient_bytes'])}; backward transient {_mib(pred['backward_transient_bytes'])}) "

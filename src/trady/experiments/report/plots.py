@@ -15,7 +15,7 @@ import numpy as np
 from trady.core.formatting import sanitise
 from trady.experiments.report.runs import Run
 from trady.experiments.report.stats import epoch_curves, strategy_order
-from trady.experiments.report.tables import budget_label, by_model_dataset
+from trady.experiments.report.tables import budget_label, by_model_dataset, seeds_heading
 from trady.selection.ranking import RankingProfile
 
 # Strategies the registry does not know (and registered ones without a colour) take these in turn.
@@ -93,7 +93,8 @@ def plot_accuracy_vs_budget(report: dict, out_dir: Path) -> list[str]:
                 ax.axhspan(m - sd, m + sd, color=colours[r["strategy"]], alpha=0.08, linewidth=0)
         _budget_axis(ax, budgets)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{model} / {dataset}: accuracy vs budget (mean ± std over seeds)", fontsize=10)
+        seeds = max(r["seeds"] for r in rows)
+        ax.set_title(f"{model} / {dataset}: accuracy vs budget ({seeds_heading(seeds)})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         path = out_dir / file_name("accuracy_vs_budget", model, dataset)
@@ -102,9 +103,26 @@ def plot_accuracy_vs_budget(report: dict, out_dir: Path) -> list[str]:
     return files
 
 
+def _alike(values: list, tol: float = 0.005) -> bool:
+    """Whether the values agree to half a percentage point (None counts as missing)."""
+    got = [v for v in values if v is not None]
+    return not got or max(got) - min(got) <= tol
+
+
+SPARSITY_METRICS = [("activation_sparsity", "activation sparsity"), ("weight_sparsity", "weight-derivative sparsity"),
+                    ("flops_reduction", "weight-derivative FLOPs saved")]
+
+
+def sparsity_series(rows: list[dict]) -> list[tuple[str, str]]:
+    """The bars per strategy of the sparsity plot: the three metrics, or one bar where they agree in every
+    row (three equal bars say nothing more than one)."""
+    if all(_alike([r.get(k) for k, _ in SPARSITY_METRICS]) for r in rows):
+        return [("activation_sparsity", "sparsity (activation, weight-derivative and FLOPs alike)")]
+    return SPARSITY_METRICS
+
+
 def plot_sparsity(report: dict, out_dir: Path) -> list[str]:
-    metrics = [("activation_sparsity", "activation sparsity"), ("weight_sparsity", "weight-derivative sparsity"),
-               ("flops_reduction", "weight-derivative FLOPs saved")]
+    metrics = SPARSITY_METRICS
     bar_colours = ["#4C72B0", "#DD8452", "#55A868"]
     files = []
     for (model, dataset), rows in by_model_dataset(report["rows"]).items():
@@ -114,18 +132,20 @@ def plot_sparsity(report: dict, out_dir: Path) -> list[str]:
             continue
         budgets = sorted({r["budget_units"]: r["budget_pct"] for r in sparse}.items())
         strategies = strategy_order(r["strategy"] for r in sparse)
+        shown = sparsity_series(sparse)
         # one panel per budget, stacked, sharing the strategy axis (labels once, at the bottom)
         fig = _figure(max(6.0, 0.95 * len(strategies) + 1.8), 2.3 * len(budgets) + 1.3)
         axes = fig.subplots(len(budgets), 1, squeeze=False, sharex=True)[:, 0]
         cell = {(r["strategy"], r["budget_units"]): r for r in sparse}
         x = np.arange(len(strategies))
-        w = 0.8 / len(metrics)
+        w = 0.8 / len(shown)
         for i, (units, pct) in enumerate(budgets):
             ax = axes[i]
-            for j, (key, label) in enumerate(metrics):
+            for j, (key, label) in enumerate(shown):
                 vals = [cell.get((s, units), {}).get(key) for s in strategies]
                 heights = [100 * v if v is not None else 0.0 for v in vals]
-                bars = ax.bar(x + (j - 1) * w, heights, w, color=bar_colours[j], label=label if i == 0 else None)
+                offset = (j - (len(shown) - 1) / 2) * w
+                bars = ax.bar(x + offset, heights, w, color=bar_colours[j], label=label if i == 0 else None)
                 for b, v in zip(bars, vals):
                     if v is not None:
                         ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{100 * v:.0f}",
@@ -139,7 +159,7 @@ def plot_sparsity(report: dict, out_dir: Path) -> list[str]:
             ax.set_ylabel("%")
         fig.suptitle(f"{model} / {dataset}: sparsity of the update, higher = cheaper\n"
                      f"(means over epochs and seeds)", fontsize=10)
-        fig.legend(loc="outside lower center", ncols=len(metrics), fontsize=8, frameon=False)
+        fig.legend(loc="outside lower center", ncols=len(shown), fontsize=8, frameon=False)
         path = out_dir / file_name("sparsity", model, dataset)
         fig.savefig(path)
         files.append(str(path))
@@ -198,7 +218,8 @@ def plot_curves(report: dict, out_dir: Path, runs: Sequence[Run]) -> list[str]:
                     labels.append(lb)
         fig.legend([handles[lb] for lb in labels], labels, loc="outside lower center", ncols=min(len(labels), 5),
                    fontsize=8, frameon=False)
-        fig.suptitle(f"{model} / {dataset}: test accuracy per epoch (mean ± std over seeds)", fontsize=10)
+        seeds = max((r["seeds"] for r in report["rows"] if (r["model"], r["dataset"]) == (model, dataset)), default=1)
+        fig.suptitle(f"{model} / {dataset}: test accuracy per epoch ({seeds_heading(seeds)})", fontsize=10)
         path = out_dir / file_name("curves", model, dataset)
         fig.savefig(path)
         files.append(str(path))

@@ -30,6 +30,11 @@ def by_model_dataset(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
+def seeds_heading(n: int) -> str:
+    """What a cell over n seeds is: "mean ± std over 3 seeds", or "1 seed" (no std exists)."""
+    return f"mean ± std over {n} seeds" if n > 1 else "1 seed"
+
+
 def accuracy_tables(report: dict, markdown: bool = False) -> list[tuple[str, str]]:
     """Table 1 shape per model x dataset: rows strategies, columns budgets, cells mean ± std."""
     scale = report["acc_scale"]
@@ -58,7 +63,7 @@ def accuracy_tables(report: dict, markdown: bool = False) -> list[tuple[str, str
                 line.append(txt)
             body.append(line)
         title = (f"{model} / {dataset}: {report['metric']}{' (' + unit + ')' if unit else ''}, "
-                 f"mean ± std over {max_n} seed{'s' if max_n != 1 else ''}")
+                 f"{seeds_heading(max_n)}")
         out.append((title, render_table(header, body, markdown=markdown)))
     return out
 
@@ -70,14 +75,16 @@ def efficiency_tables(report: dict, markdown: bool = False) -> list[tuple[str, s
     for (model, dataset), rows in by_model_dataset(report["rows"]).items():
         peak = any(r.get("peak_memory_bytes") is not None for r in rows)
         header = ["strategy", "budget", "seeds", "act. sparsity", "weight sparsity", "FLOPs saved",
-                  "budgeted bytes", "saved bytes"] + (["measured step peak"] if peak else [])
+                  "budgeted bytes", "kept for backward"] + (["measured step peak"] if peak else [])
         body = [[r["strategy"], budget_label(r["budget_units"], r["budget_pct"]), str(r["seeds"]),
                  pct(r["activation_sparsity"]), pct(r["weight_sparsity"]),
                  pct(r["flops_reduction"]), fmt_bytes(r["measured_budgeted_bytes"]),
                  fmt_bytes(r["measured_saved_bytes"])] + ([fmt_bytes(r.get("peak_memory_bytes"))] if peak else [])
                 for r in rows]
         table = render_table(header, body, markdown=markdown, left=2)
-        out.append((f"{model} / {dataset}: efficiency (means over seeds)", table))
+        seeds = max(r["seeds"] for r in rows)
+        over = "means over seeds" if seeds > 1 else "1 seed"
+        out.append((f"{model} / {dataset}: efficiency ({over}; bytes measured at each run's first step)", table))
     return out
 
 
