@@ -87,12 +87,15 @@ def test_every_bench_key_is_documented_and_progress_is_readable(tmp_path, monkey
     assert len(progress) == len(VARIANTS) and all(re.search(r"measured step peak [\d.]+ [KMG]?i?B$", p)
                                                   for p in progress), progress  # fmt: skip
     assert "bytes" not in captured.err and "measured step peak, MiB" in captured.out
+    assert "saved" not in captured.out
     assert InProcess.started == [True]
     memory = json.loads((tmp_path / "m.json").read_text())
     assert memory["setup"]["repeats"] == 1 and memory["setup"]["steps"] == 1 and memory["setup"]["fork"]
     assert keys(memory) - listed(section("`trady bench memory")) == set()
+    assert memory["ratios"] and all(memory_bench.RATIO_LABELS[k] in captured.out for k in memory["ratios"])
     assert cli(["bench", "engine", *small, "--rounds", "1", "--warmup", "0", "--out", tmp_path / "e.json"]) == 0
-    assert "kept for backward" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "kept for backward" in table and "saved" not in table
     engine = json.loads((tmp_path / "e.json").read_text())
     assert keys(engine) - listed(section("`trady bench engine")) == set()
 

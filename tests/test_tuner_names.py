@@ -162,3 +162,14 @@ def test_one_optimizer_with_momentum_across_epochs(batches, bare_profile):
             assert before and set(before) == set(grads)
             for n, p in tuner2.named_parameters(trained_only=True):
                 assert torch.allclose(opt2.state[p]["momentum_buffer"], mu * before[n] + grads[n]), n
+
+
+def test_groups_of_ones_own_join_the_tuners_with_names(batches, bare_profile):
+    """The documented rule: own groups beside the tuner's need "param_names" too (PyTorch's all-or-none)."""
+    model = build()
+    tuner = trady.Tuner(model, batches[0][0][:1], budget="20%", profile=bare_profile)
+    extra = torch.zeros(3, requires_grad=True)
+    optimizer = torch.optim.SGD(tuner.start_epoch(1) + [{"params": [extra], "param_names": ["extra"]}], lr=0.1)
+    assert optimizer.param_groups[-1]["param_names"] == ["extra"]
+    plain = [{k: v for k, v in g.items() if k != "param_names"} for g in tuner.param_groups()]
+    torch.optim.SGD(plain + [{"params": [extra]}], lr=0.1)

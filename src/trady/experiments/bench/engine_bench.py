@@ -483,8 +483,11 @@ def format_engine_bench(r: dict) -> str:
     ]
     if r.get("cuda_peak_delta_bytes"):
         peaks = ", ".join(f"{v} {mib(b)}" for v, b in r["cuda_peak_delta_bytes"].items())
-        lines.append(f"CUDA peak allocated during a step: {peaks}")
+        lines.append(f"measured step peak (CUDA, allocated above the start): {peaks}")
     lines.append("")
-    for key in ("full_over_engine_saved_bytes", "engine_over_simulation_step", "engine_over_forward_step"):
-        lines.append(f"{key.replace('_', ' '):<34}{r['ratios'][key]:>9.2f}")
+    shown = {"full_over_engine_saved_bytes": "kept for backward, full / engine",
+             "engine_over_simulation_step": "step time, engine / simulation",
+             "engine_over_forward_step": "step time, engine / forward"}  # fmt: skip
+    for key, label in shown.items():
+        lines.append(f"{label:<34}{r['ratios'][key]:>9.2f}")
     return "\n".join(lines)

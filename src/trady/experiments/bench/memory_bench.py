@@ -354,6 +354,13 @@ def peak_ratios(r: dict) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+RATIO_LABELS = {  # the table's words for the JSON's ratio keys (docs/outputs.md)
+    "engine_over_inference_peak": "measured step peak, engine / inference",
+    "engine_over_freeze_peak": "measured step peak, engine / stock freeze",
+    "full_over_engine_peak": "measured step peak, full / engine",
+    "predicted_over_measured_engine_peak": "engine step peak, predicted / measured",
+    "engine_over_inference_step": "step time, engine / inference",
+}
 _mib = functools.partial(mib, digits=1, unit="")  # MiB cells of the table (trady.core.formatting)
 
 
@@ -390,7 +397,7 @@ def format_memory_bench(r: dict) -> str:
         ]
     lines.append("")
     for key, value in r["ratios"].items():
-        lines.append(f"{key.replace('_', ' '):<40}{value:>7.2f}")
+        lines.append(f"{RATIO_LABELS.get(key, key.replace('_', ' ')):<48}{value:>7.2f}")
     return "\n".join(lines)
 
 
