@@ -329,3 +329,20 @@ def test_a_sweep_with_one_bad_budget_runs_nothing(capsys, tmp_path):
     assert "invalid budget unit 'zz' in '12zz'; accepted: units" in line
     assert not out.exists() or not any(out.iterdir())
 
+
+
+def test_a_diverged_run_is_a_finished_result_for_sweep_and_report(tmp_path, profile):
+    from helpers import tiny_config
+    from trady.experiments.report import summarize
+    from trady.experiments.sweep import SweepGrid, run_sweep
+
+    base = {k: v for k, v in tiny_config(profile).to_dict().items() if k not in ("out", "model", "data", "strategy",
+                                                                                  "budget", "seed")}  # fmt: skip
+    base["lr"] = 1e6
+    grid = SweepGrid(base=base, models=[MODEL], datasets=["digits"], budgets=["5%"], strategies=["trady"], seeds=[0])
+    first = run_sweep(grid, tmp_path, jobs=1, progress=False, log=lambda msg: None)
+    assert [o.status for o in first.outcomes] == ["diverged"] and first.failed == []
+    again = run_sweep(grid, tmp_path, jobs=1, progress=False, log=lambda msg: None)
+    assert [o.status for o in again.outcomes] == ["skipped"]  # not run again: it would diverge again
+    report = summarize(tmp_path)
+    assert [(f["status"], "exploding training loss" in f["error"]) for f in report["failed"]] == [("diverged", True)]
