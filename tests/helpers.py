@@ -150,11 +150,12 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-def error_line(capsys, argv: list) -> str:
-    """The one `trady: error: ...` line that a failing CLI call prints (exit code 2, no traceback)."""
+def error_line(capsys, argv: list, code: int = 2) -> str:
+    """The one `trady: error: ...` line that a failing CLI call prints (exit code `code`: 2 bad input,
+    3 diverged, 4 a write failed; no traceback)."""
     rc = cli(argv)
     captured = capsys.readouterr()
-    assert rc == 2, captured
+    assert rc == code, captured
     lines = captured.err.strip().splitlines()
     assert "Traceback" not in captured.err
     assert len(lines) == 1 and lines[0].startswith("trady: error: "), captured.err

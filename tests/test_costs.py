@@ -100,8 +100,10 @@ def test_toy_totals(toy: CostTable) -> None:
 
 
 def test_toy_selection_metrics(toy: CostTable) -> None:
-    sel = toy.check_selection({"0": [1], "4": [3, 0, 3]})
-    assert {k: v.tolist() for k, v in sel.items()} == {"0": [1], "4": [0, 3]}  # sorted, unique
+    sel = toy.check_selection({"0": [1], "4": [3, 0]})
+    assert {k: v.tolist() for k, v in sel.items()} == {"0": [1], "4": [0, 3]}  # sorted
+    with pytest.raises(TradyError, match=r"channel indices of layer '4' repeat \[3\]"):  # a repeat is a mistake
+        toy.check_selection({"4": [3, 0, 3]})
     assert toy.selection_weight_units(sel) == 36 + 2 * 6 == 48
     assert toy.selection_activation_units(sel) == 64 + 2 * 16 == 96
     assert toy.selection_units(sel) == 144

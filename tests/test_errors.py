@@ -17,6 +17,7 @@ from trady import models
 from trady.core.files import read_jsonl
 from trady.engine.costs import analyze
 from trady.train import loop as train
+from trady.train.checkpoint import CHECKSUMS, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_checkpoint_with_wrong_keys_or_shapes(capsys, tmp_path, finished):
     model["extra.weight"] = torch.zeros(1)
     model["classifier.weight"] = torch.zeros(3, 3)
     run = copy_run(finished, tmp_path / "run")
-    torch.save(state, run / train.CHECKPOINT)
+    save_checkpoint(run, state)  # recorded with its checksum: the content checks below are what is tested
     line = error_line(capsys, ["finetune", "--resume", run])
     assert "do not match" in line
     assert f"missing keys: {dropped}" in line and "unexpected keys: extra.weight" in line
@@ -121,16 +122,18 @@ def test_unreadable_or_foreign_checkpoint(capsys, tmp_path, finished):
     run = copy_run(finished, tmp_path / "truncated")
     data = (run / train.CHECKPOINT).read_bytes()
     (run / train.CHECKPOINT).write_bytes(data[: len(data) // 3])
+    assert "is corrupted: its SHA-256" in error_line(capsys, ["finetune", "--resume", run])
+    (run / CHECKSUMS).unlink()  # a folder from before checksums: torch.load's own check
     assert "not a complete torch.save file" in error_line(capsys, ["finetune", "--resume", run])
 
     run = copy_run(finished, tmp_path / "foreign")
-    torch.save({"weights": torch.zeros(2)}, run / train.CHECKPOINT)
+    save_checkpoint(run, {"weights": torch.zeros(2)})
     assert "is not a trady checkpoint" in error_line(capsys, ["finetune", "--resume", run])
 
     run = copy_run(finished, tmp_path / "other-run")
     state = torch.load(run / train.CHECKPOINT, weights_only=True)
     state["config"]["lr"] = 0.5
-    torch.save(state, run / train.CHECKPOINT)
+    save_checkpoint(run, state)
     line = error_line(capsys, ["finetune", "--resume", run])
     assert "written by a different run: lr 0.5 there vs 0.02 here" in line
 
@@ -150,7 +153,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(capsys, tmp_path, profil
 
     monkeypatch.setattr(train, "lr_at", lr_at)
     out = tmp_path / "run"
-    line = error_line(capsys, ["finetune", *run_args(profile, "trady", epochs=2), "--out", out])
+    line = error_line(capsys, ["finetune", *run_args(profile, "trady", epochs=2), "--out", out], code=3)
     assert "non-finite training loss" in line and "at epoch 2, step 2 of 4" in line
     assert f"the last good checkpoint (epoch 1) is kept in {out / train.CHECKPOINT}" in line
     state = train.load_checkpoint(out / train.CHECKPOINT)
@@ -158,5 +161,6 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(capsys, tmp_path, profil
     assert all(bool(torch.isfinite(v).all()) for v in weights(out).values() if v.is_floating_point())
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "failed" and "epoch 2" in summary["error"] and summary["epochs_done"] == 1
+    assert summary["status"] == "diverged" and summary["diverged_epoch"] == 2 and summary["epochs_done"] == 1
+    assert "epoch 2" in summary["error"]
     assert metrics(out)[0]["epoch"] == 1

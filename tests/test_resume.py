@@ -68,16 +68,16 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tmp_path
 
 def _run_keeping_epoch1(monkeypatch, args: list, ref: Path) -> None:
     """`trady finetune *args --out ref`, keeping a copy of the epoch-1 checkpoint as ref/epoch1.pt."""
-    real_save = train.save_torch
+    real_save = train.save_checkpoint
 
-    def save_and_keep_epoch1(path, state):
-        real_save(path, state)
+    def save_and_keep_epoch1(folder, state):
+        real_save(folder, state)
         if state["epoch"] == 1:
-            real_save(Path(path).parent / "epoch1.pt", state)
+            torch.save(state, Path(folder) / "epoch1.pt")
 
-    monkeypatch.setattr(train, "save_torch", save_and_keep_epoch1)
+    monkeypatch.setattr(train, "save_checkpoint", save_and_keep_epoch1)
     assert cli(["finetune", *args, "--out", ref]) == 0
-    monkeypatch.setattr(train, "save_torch", real_save)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
 
 
 def _cut_after_first_epoch(ref: Path, folder: Path) -> None:
@@ -151,7 +151,9 @@ def test_resume_without_a_checkpoint_starts_from_the_first_epoch(tmp_path, tmp_p
     assert cli(["finetune", "--resume", folder, "--no-progress"]) == 0
     assert metrics(folder) == metrics(ref)
     assert_same_weights(weights(folder), weights(ref))
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".trady.lock", "checkpoint.pt", "checkpoint.sha256", "config.json", "metrics.jsonl", "summary.json"
+    ]  # fmt: skip
 
 
 def test_resumed_summary_peak_covers_the_epochs_before_the_resume(tmp_path, profile, monkeypatch):

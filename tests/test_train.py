@@ -22,7 +22,10 @@ def profile(tmp_path_factory) -> Path:
 
 def test_run_folder_contract(tmp_path_factory, profile):
     out = reference_run(tmp_path_factory, run_args(profile, "trady", epochs=2))
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".trady.lock", "checkpoint.prev.pt", "checkpoint.pt", "checkpoint.sha256", "config.json", "metrics.jsonl",
+        "summary.json",
+    ]  # fmt: skip
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
     for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "selected_channels", "selected_units",

@@ -183,16 +183,16 @@ USER_MODEL = str(Path(__file__).with_name("user_model.py"))
 def keep_every_checkpoint(monkeypatch) -> list[dict]:
     """The state of each epoch's checkpoint, as finetune writes it (the run folder keeps only the last)."""
     kept: list[dict] = []
-    real = train.save_torch
+    real = train.save_checkpoint
 
-    def save(path, state):
-        real(path, state)
+    def save(folder, state):
+        real(folder, state)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         buffer.seek(0)
         kept.append(torch.load(buffer, weights_only=True))
 
-    monkeypatch.setattr(train, "save_torch", save)
+    monkeypatch.setattr(train, "save_checkpoint", save)
     return kept
 
 

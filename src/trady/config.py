@@ -20,6 +20,10 @@ NON_RESULT_SETTINGS = (
 )  # fmt: skip
 
 
+MIN_RESOLUTION = 8  # pixels: below this an image has no spatial structure left for a convolutional network
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take 0..2**32-1
+
+
 def check_micro_batch(micro_batch_size: int | None) -> None:
     if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or micro_batch_size < 1):
         raise TradyError(f"micro_batch_size must be a positive integer or None, got {micro_batch_size!r}")
@@ -102,3 +106,33 @@ class FinetuneConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise TradyError(f"{name} must be >= 1, got {v}")
+        self._validate_ranges()
+
+    def _validate_ranges(self) -> None:
+        """The ranges beyond the positive counts: each bad value gets one line naming it and what is accepted."""
+        import math
+
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise TradyError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
+        for name in ("lr", "momentum", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise TradyError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise TradyError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            raise TradyError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.warmup_epochs > self.epochs:
+            raise TradyError(f"warmup_epochs {self.warmup_epochs} is more than epochs {self.epochs}; "
+                             f"accepted: 0..{self.epochs} (the warm-up is part of the run)")  # fmt: skip
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise TradyError(f"micro_batch_size {self.micro_batch_size} is larger than batch_size {self.batch_size}; "
+                             f"accepted: 1..{self.batch_size} (a micro-batch splits a step's batch)")  # fmt: skip
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise TradyError(f"threads must be >= 1 (or unset: torch's default), got {self.threads!r}")
+        if self.resolution is not None and self.resolution < MIN_RESOLUTION:
+            raise TradyError(f"resolution {self.resolution} is too small; accepted: {MIN_RESOLUTION} pixels or more")
+        if self.out is not None:
+            if not str(self.out).strip():
+                raise TradyError(f"out (the run folder) must be a path, got {self.out!r}")
+            if Path(self.out).exists() and not Path(self.out).is_dir():
+                raise TradyError(f"out {str(self.out)!r} is an existing file; accepted: a folder (new or a run folder)")

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except TradyError as err:
         # One clear line, no traceback: the message names the bad value and what is accepted.
+        # Exit codes (docs/reliability.md): 2 bad input or refusal, 3 diverged, 4 a write failed.
         print(f"trady: error: {err}", file=sys.stderr)
-        return 2
+        return int(getattr(err, "exit_code", 2))
     except KeyboardInterrupt:
         print("trady: interrupted", file=sys.stderr)
         return 130

@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         config = _resume_config(args)
     else:
         config = config_from_args(args)
-        if not args.out:
+        if args.out is None:  # an empty --out '' is refused by the config's check, not replaced
             model = Path(config.model).name.replace(":", "-")  # a builder path/to/file.py:fn -> file.py-fn
             name = f"{model}__{Path(config.data).name}__{config.strategy}__s{config.seed}"
             args.out = str(Path("runs") / name)
@@ -207,7 +207,9 @@ def run(args: argparse.Namespace) -> int:
     except TradyError as err:
         text = str(err)
         if "\n" in text:  # the CLI prints one line
-            raise TradyError(" ".join(text.split())) from None
+            flat = TradyError(" ".join(text.split()))
+            flat.exit_code = getattr(err, "exit_code", 2)
+            raise flat from None
         raise
     finally:
         distributed.cleanup()

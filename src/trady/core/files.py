@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from trady.core.errors import TradyError
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -28,13 +31,30 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+class WriteFailed(TradyError):
+    """A file could not be written (disk full, no permission, ...): one line naming the path and the cause.
+    The file keeps its old content (atomic writes). The CLI exits 4."""
+
+    exit_code = 4
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` atomically; an OSError becomes WriteFailed (one line: the path and the cause)."""
+    try:
+        atomic_write(path, lambda fh: fh.write(data))
+    except OSError as err:
+        cause = err.strerror or str(err) or type(err).__name__
+        code = f" ({errno.errorcode[err.errno]})" if err.errno in errno.errorcode else ""
+        raise WriteFailed(f"cannot write {os.fspath(path)}: {cause}{code}") from None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     data = (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode()
-    atomic_write(path, lambda fh: fh.write(data))
+    write_bytes(path, data)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda fh: fh.write(text.encode()))
+    write_bytes(path, text.encode())
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -53,10 +73,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> None:
+def torch_bytes(obj: Any) -> bytes:
+    """torch.save's bytes of `obj`, made in memory: a full disk then fails in one plain write."""
+    import io
+
     import torch  # imported here so that light processes (sweep workers, reports) need no torch
 
-    atomic_write(path, lambda fh: torch.save(obj, fh))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes(path, torch_bytes(obj))
 
 
 def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -67,8 +96,6 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     import pickle
 
     import torch
-
-    from trady.core.errors import TradyError
 
     if not Path(path).is_file():
         raise TradyError(f"checkpoint {os.fspath(path)!r} does not exist")

@@ -130,12 +130,23 @@ class CostTable:
                         f"accepted: the layers below it ({len(self.names)} layers, e.g. {self.names[0]!r})"
                     )
                 raise unknown_name("layer", name, self.names)
-            t = torch.as_tensor(idx)
-            if t.is_floating_point() and not torch.equal(t, t.round()) or t.dtype == torch.bool:
-                raise TradyError(f"channel indices of layer {name!r} must be integers, got {t.tolist()!r}")
-            t = t.to(torch.int64).flatten().unique(sorted=True)
-            if t.numel() == 0:
+            accepted = "accepted: distinct channel numbers (a list, tuple or range of ints, or an integer tensor)"
+            try:
+                t = torch.as_tensor(idx)
+            except (TypeError, ValueError, RuntimeError):
+                raise TradyError(
+                    f"channel indices of layer {name!r} must be integers, got {idx!r}; {accepted}"
+                ) from None
+            if t.numel() == 0:  # [] is a float tensor to torch: nothing selected in this layer
                 continue
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TradyError(f"channel indices of layer {name!r} must be integers, got {t.tolist()!r}; {accepted}")
+            t = t.to(torch.int64).flatten()
+            unique, counts = t.unique(sorted=True, return_counts=True)
+            if bool((counts > 1).any()):
+                repeated = unique[counts > 1].tolist()
+                raise TradyError(f"channel indices of layer {name!r} repeat {repeated[:5]}; {accepted}")
+            t = unique
             c = self.by_name[name].in_channels
             if int(t[0]) < 0 or int(t[-1]) >= c:
                 bad = int(t[0]) if int(t[0]) < 0 else int(t[-1])
@@ -345,7 +356,27 @@ def parse_budget(
     of `batch_size`, so a byte budget buys fewer channels at larger batches. The conversion uses the
     units-per-byte ratio of full fine-tuning, which is exact for budgets quoted per sample (batch 1).
     """
-    accepted = "accepted: units (27946), bytes with a unit (256KB, 1.5MiB) or a percentage (2.2%)"
+    value, unit = parse_budget_spec(spec)
+    if unit in ("", "u", "units"):
+        return math.floor(value)
+    if unit == "%":
+        return math.floor(table.full_units * value / 100)
+    if unit in _BYTE_UNITS:
+        nbytes = value * _BYTE_UNITS[unit]
+        slot = bytes_per_slot(precision)
+        # Bytes per unit of a full update at this batch: weights once, activations per sample.
+        full_bytes = slot * (table.full_weight_units + batch_size * table.full_activation_units)
+        return math.floor(nbytes * table.full_units / full_bytes)
+    raise TradyError(f"invalid budget unit {unit!r} in {spec!r}; {BUDGET_ACCEPTED}")  # pragma: no cover
+
+
+BUDGET_ACCEPTED = "accepted: units (27946), bytes with a unit (256KB, 1.5MiB) or a percentage (2.2%)"
+
+
+def parse_budget_spec(spec: str | int | float) -> tuple[Fraction, str]:
+    """A budget's positive value and its unit ("", "u", "units", "%" or a byte unit), checked without a
+    model (so a sweep grid is checked whole before any run); one line naming the value otherwise."""
+    accepted = BUDGET_ACCEPTED
     if isinstance(spec, bool):
         raise TradyError(f"invalid budget {spec!r}; {accepted}")
     # Exact rational arithmetic: "100KB" must be 25000 fp32 units, not 24999.
@@ -360,14 +391,6 @@ def parse_budget(
         value, unit = Fraction(m.group(1)), m.group(2).lower()
     if value <= 0:
         raise TradyError(f"invalid budget {spec!r}: must be positive; {accepted}")
-    if unit in ("", "u", "units"):
-        return math.floor(value)
-    if unit == "%":
-        return math.floor(table.full_units * value / 100)
-    if unit in _BYTE_UNITS:
-        nbytes = value * _BYTE_UNITS[unit]
-        slot = bytes_per_slot(precision)
-        # Bytes per unit of a full update at this batch: weights once, activations per sample.
-        full_bytes = slot * (table.full_weight_units + batch_size * table.full_activation_units)
-        return math.floor(nbytes * table.full_units / full_bytes)
-    raise TradyError(f"invalid budget unit {unit!r} in {spec!r}; {accepted}")
+    if unit not in ("", "u", "units", "%") and unit not in _BYTE_UNITS:
+        raise TradyError(f"invalid budget unit {unit!r} in {spec!r}; {accepted}")
+    return value, unit

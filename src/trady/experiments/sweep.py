@@ -2,7 +2,8 @@
 
 One run folder per grid point, named readably and deterministically
 (`mcunet-in1__fashion-mnist__trady__b27946__s0`; non-sparse strategies have no budget part). A run
-whose summary.json says status "ok" is skipped, so a sweep can be stopped and started again. A run
+whose summary.json says status "ok" or "diverged" (a finished result: its loss blew up; running it
+again would diverge again) is skipped, so a sweep can be stopped and started again. A run
 that raises is recorded (summary.json with status "failed" and the message, error.txt with the
 traceback) and the others go on. Runs execute in "spawn" worker processes, each with its own torch
 thread count; the runner is injectable (default `trady.train.finetune`) so tests can fake it.
@@ -45,8 +46,11 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+FINISHED = ("ok", "diverged")  # statuses of a run that is done: a sweep does not run it again
+
+
 def run_status(run_dir: str | os.PathLike) -> str | None:
-    """"ok", "failed", another status string, or None when the run has no readable summary."""
+    """"ok", "diverged", "failed", another status string, or None when the run has no readable summary."""
     summary = _read_json(Path(run_dir) / "summary.json")
     return None if summary is None else str(summary.get("status"))
 
@@ -131,6 +135,8 @@ def execute(config_dict: dict, runner: Runner | None = None, threads: int | None
             summary = {**result}
             summary.setdefault("status", "ok")
             write_json(run_dir / "summary.json", summary)
+        if summary.get("status") == "diverged":
+            return _diverged(run_dir, summary, start)
         if summary.get("status") != "ok":
             error = str(summary.get("error") or f"runner reported status {summary.get('status')!r}")
             write_text(run_dir / "error.txt", error + "\n")
@@ -138,10 +144,20 @@ def execute(config_dict: dict, runner: Runner | None = None, threads: int | None
                     "wall_time_s": time.perf_counter() - start}
         return {"status": "ok", "summary": summary, "error": None, "wall_time_s": time.perf_counter() - start}
     except Exception as err:
+        summary = _read_json(run_dir / "summary.json")
+        if summary is not None and summary.get("status") == "diverged":  # the trainer's own record of it
+            return _diverged(run_dir, summary, start)
         error = f"{type(err).__name__}: {err}"
         write_text(run_dir / "error.txt", traceback.format_exc())
         summary = _failure_summary(run_dir, config_dict, error)
         return {"status": "failed", "summary": summary, "error": error, "wall_time_s": time.perf_counter() - start}
+
+
+def _diverged(run_dir: Path, summary: dict, start: float) -> dict:
+    """A run whose loss diverged: a finished result (kept, reported, not run again), not a failure."""
+    error = str(summary.get("error") or f"diverged at epoch {summary.get('diverged_epoch')}")
+    write_text(run_dir / "error.txt", error + "\n")
+    return {"status": "diverged", "summary": summary, "error": error, "wall_time_s": time.perf_counter() - start}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,7 +167,7 @@ def execute(config_dict: dict, runner: Runner | None = None, threads: int | None
 @dataclass
 class RunOutcome:
     point: GridPoint
-    status: str  # "ok" | "failed" | "skipped"
+    status: str  # "ok" | "diverged" | "failed" | "skipped"
     test_acc: float | None = None
     wall_time_s: float | None = None
     error: str | None = None
@@ -185,7 +201,7 @@ class SweepResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"out": self.out, "jobs": self.jobs, "threads": self.threads,
-                "counts": {s: self.count(s) for s in ("ok", "skipped", "failed")},
+                "counts": {s: self.count(s) for s in ("ok", "diverged", "skipped", "failed")},
                 "runs": [o.as_dict() for o in self.outcomes]}
 
     def table(self) -> str:
@@ -205,7 +221,8 @@ def format_table(result: SweepResult) -> str:
         err = (o.error or "").splitlines()[0][:80] if o.error else ""
         rows.append((o.point.name, o.status, _fmt_acc(o.test_acc), t, err))
     lines = [render_table(rows[0], rows[1:], left=len(rows[0]))]
-    lines.append(f"{result.count('ok')} ran, {result.count('skipped')} skipped (already done), "
+    diverged = f"{result.count('diverged')} diverged, " if result.count("diverged") else ""
+    lines.append(f"{result.count('ok')} ran, {diverged}{result.count('skipped')} skipped (already done), "
                  f"{result.count('failed')} failed  ->  {result.out}")
     return "\n".join(lines)
 
@@ -243,7 +260,7 @@ def plan(grid: SweepGrid, out: str | os.PathLike) -> list[tuple[GridPoint, str]]
     out = Path(out)
     actions = []
     for p in grid.points():
-        if run_status(out / p.name) != "ok":
+        if run_status(out / p.name) not in FINISHED:
             actions.append((p, "run"))
             continue
         diff = _check_same_settings(grid, p, out / p.name)
@@ -279,7 +296,7 @@ def run_sweep(
     for p in points:
         run_dir = out / p.name
         summary = _read_json(run_dir / "summary.json")
-        if summary is not None and summary.get("status") == "ok":
+        if summary is not None and summary.get("status") in FINISHED:
             diff = _check_same_settings(grid, p, run_dir)
             if diff:
                 stale.append(f"{p.name} ({diff})")
@@ -325,6 +342,8 @@ def run_sweep(
         outcomes[p] = o
         if o.status == "ok":
             line = f"[ok]     {p.name}  test acc {_fmt_acc(o.test_acc)}  {o.wall_time_s or 0:.1f}s"
+        elif o.status == "diverged":
+            line = f"[diverged] {p.name}  {(o.error or '').splitlines()[0] if o.error else ''}"
         else:
             line = f"[failed] {p.name}  {(o.error or '').splitlines()[0] if o.error else ''}"
         if bar is not None:

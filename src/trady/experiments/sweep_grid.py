@@ -24,6 +24,18 @@ AXES = {"models": "model", "datasets": "data", "budgets": "budget", "strategies"
 
 
 
+def _check_budgets(budgets: list[str]) -> None:
+    """Every budget of the grid parses (units, bytes or a share): a bad one stops the sweep before its first
+    run, not after the valid ones trained."""
+    from trady.engine.costs import parse_budget_spec
+
+    for budget in budgets:
+        try:
+            parse_budget_spec(budget)
+        except TradyError as err:
+            raise TradyError(f"grid budgets {budgets}: {err}") from None
+
+
 def is_sparse(strategy: str) -> bool:
     """Whether a strategy updates a budgeted channel selection (and so runs once per budget); the
     non-sparse modes (full, classifier, bias: registry `mode`) run once per (model, dataset, seed) with
@@ -92,6 +104,7 @@ class SweepGrid:
         self.models = _unique(str(m) for m in _as_list(self.models))
         self.datasets = _unique(str(d) for d in _as_list(self.datasets))
         self.budgets = _unique(str(b) for b in _as_list(self.budgets) if b is not None)
+        _check_budgets(self.budgets)
         self.strategies = _unique(str(s) for s in _as_list(self.strategies))
         seeds = []
         for s in _as_list(self.seeds):

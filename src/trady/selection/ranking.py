@@ -127,6 +127,12 @@ class RankingProfile:
             raise TradyError("profile has duplicate layer names")
         if not 0.0 < self.threshold <= 1.0:
             raise TradyError(f"profile threshold must be in (0, 1], got {self.threshold}")
+        for lay in self.layers:  # a NaN would rank every layer arbitrarily, silently
+            for key in ("grad_norm", "rgn", "lara"):
+                value = getattr(lay, key)
+                if not math.isfinite(value) or value < 0:
+                    raise TradyError(f"profile layer {lay.name!r} has {key} {value!r}; accepted: a finite number >= 0 "
+                                     "(rank the model again with `trady rank`)")  # fmt: skip
 
     # --- views
     @property

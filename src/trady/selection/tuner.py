@@ -34,6 +34,7 @@ loses its optimizer state, e.g. momentum). None (default) is the paper's one dra
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -179,8 +180,8 @@ class Tuner:
         run: a slice keeps its state, e.g. momentum, while its layer's channels stay the same).
         `grad_batches` overrides the constructor's batches of the full-gradient pass (d-/s-det-rgn)."""
         self._check_live()
-        if isinstance(epoch, bool) or int(epoch) < 1:
-            raise TradyError(f"epoch must be a whole number >= 1, got {epoch!r}")
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 1:
+            raise TradyError(f"epoch must be a whole number >= 1 (an int), got {epoch!r}")
         self.epoch, self.draw, self.steps, self._due = int(epoch), 0, 0, False
         self.epoch_selections = []
         self._redraw(grad_batches)

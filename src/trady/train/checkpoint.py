@@ -6,11 +6,20 @@ A checkpoint is written atomically after every epoch and holds the weights, the 
 the selection), the RNG states and the metrics so far; everything else is a pure function of
 (seed, epoch, step): data order, augmentation, selections and the learning rate. An interrupted epoch
 is run again from its start. Loading uses torch.load(weights_only=True): a pickle carrying code is refused.
+
+Content checksum: `save_checkpoint` records the SHA-256 of the checkpoint's bytes in `checkpoint.sha256`
+(the last three) before the file is replaced, and keeps the checkpoint it replaces as `checkpoint.prev.pt`
+(a hard link, so that one exists at every moment); `load_checkpoint` refuses, in one line, a
+checkpoint whose bytes match no recorded sum and names the previous good one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +28,20 @@ import torch
 
 from trady.config import CHECKPOINT, NON_RESULT_SETTINGS
 from trady.core.errors import TradyError
-from trady.core.files import load_torch
+from trady.core.files import WriteFailed, load_torch, torch_bytes, write_bytes, write_json
 from trady.core.formatting import one_line
 from trady.models.weights import load_into
 from trady.train.setup import Run
 
 CHECKPOINT_FORMAT = "trady-checkpoint-2"
-RUN_FILES = (CHECKPOINT, "metrics.jsonl", "summary.json")  # what a fresh start replaces
-__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "RUN_FILES", "checkpoint_state", "load_checkpoint", "restore"]
+PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the last one (kept when the last is found corrupt)
+CHECKSUMS = "checkpoint.sha256"  # JSON: the SHA-256 of the last checkpoints written
+KEPT_SUMS = 3
+RUN_FILES = (CHECKPOINT, "metrics.jsonl", "summary.json", PREVIOUS, CHECKSUMS)  # what a fresh start replaces
+__all__ = [
+    "CHECKPOINT", "CHECKPOINT_FORMAT", "CHECKSUMS", "PREVIOUS", "RUN_FILES", "checkpoint_state", "load_checkpoint",
+    "restore", "save_checkpoint",
+]  # fmt: skip
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,8 +101,80 @@ def checkpoint_state(run: Run, epoch: int, rows: list[dict], elapsed: float) -> 
     }
 
 
+def _read_sums(folder: Path) -> list[dict[str, Any]] | None:
+    try:
+        data = json.loads((folder / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise TradyError(f"cannot read {folder / CHECKSUMS}: {err}; accepted: the file trady finetune wrote") from None
+    sums = data.get("checkpoints") if isinstance(data, dict) else None
+    if not isinstance(sums, list):
+        raise TradyError(f"{folder / CHECKSUMS} holds no list 'checkpoints'; accepted: the file trady finetune wrote")
+    return [s for s in sums if isinstance(s, dict) and isinstance(s.get("sha256"), str)]
+
+
+def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` as folder/checkpoint.pt with its SHA-256 recorded first and the checkpoint it replaces
+    kept as checkpoint.prev.pt. A failed write (disk full) raises WriteFailed and leaves the old
+    checkpoint, its sum and the previous one as they were."""
+    folder = Path(folder)
+    data = torch_bytes(state)
+    digest = hashlib.sha256(data).hexdigest()
+    sums = [s for s in (_read_sums(folder) or []) if s["sha256"] != digest]
+    newest = {"sha256": digest, "epoch": state.get("epoch")}
+    write_json(folder / CHECKSUMS, {"checkpoints": [newest, *sums][:KEPT_SUMS]})
+    current = folder / CHECKPOINT
+    if current.is_file():  # keep it as the previous one: a hard link, then an atomic rename
+        tmp = folder / f".{PREVIOUS}.link.tmp"
+        try:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(current, tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(current, tmp)
+            os.replace(tmp, folder / PREVIOUS)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise WriteFailed(f"cannot write {folder / PREVIOUS}: {err.strerror or err}") from None
+    write_bytes(current, data)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Refuse (one line) a checkpoint whose bytes match no SHA-256 recorded beside it. A folder written
+    before checksums existed (no checkpoint.sha256) is not checked."""
+    path = Path(path)
+    sums = _read_sums(path.parent)
+    if sums is None or not path.is_file():
+        return
+    digest = _sha256(path)
+    if any(s["sha256"] == digest for s in sums):
+        return
+    previous = path.parent / PREVIOUS
+    kept = "no good previous checkpoint is kept"
+    if path.name != PREVIOUS and previous.is_file():
+        prev = _sha256(previous)
+        epoch = next((s.get("epoch") for s in sums if s["sha256"] == prev), None)
+        if epoch is not None:
+            kept = f"the previous good checkpoint (epoch {epoch}) is kept in {previous}: copy it to {path} to resume"
+    raise TradyError(
+        f"checkpoint {path} is corrupted: its SHA-256 {digest[:16]}... matches none recorded in "
+        f"{path.parent / CHECKSUMS}; {kept}"
+    )
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's dict, read with torch.load(weights_only=True): a pickle carrying code is refused."""
+    """A checkpoint's dict, read with torch.load(weights_only=True): a pickle carrying code is refused;
+    its bytes must match a SHA-256 recorded beside it (checkpoint.sha256)."""
+    verify_checkpoint(path)
     state = load_torch(path, map_location="cpu")
     required = ("epoch", "model", "tuner", "metrics")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -177,7 +264,7 @@ def clear_stale(out: Path, fresh: bool) -> None:
     """Remove temporary files an interrupted atomic write left; a fresh start also removes the files of an
     earlier run in the folder, so that the folder never mixes two runs."""
     for name in RUN_FILES + ("config.json",):
-        for tmp in out.glob(f".{name}.*.tmp"):
+        for tmp in out.glob(f".{name}.*tmp"):
             tmp.unlink(missing_ok=True)
         if fresh and name != "config.json":
             (out / name).unlink(missing_ok=True)

@@ -29,19 +29,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from trady.config import FinetuneConfig
-from trady.core import distributed
+from trady.core import distributed, run_lock
 from trady.core.errors import TradyError
-from trady.core.files import save_torch, write_json, write_jsonl
+from trady.core.files import WriteFailed, write_json, write_jsonl
 from trady.core.formatting import one_line
 from trady.core.schedule import lr_at
 from trady.engine.costs import Selection
 from trady.memory.resident_peak import peak_measure
-from trady.train.checkpoint import CHECKPOINT, checkpoint_state, clear_stale, load_checkpoint, restore
+from trady.train.checkpoint import CHECKPOINT, checkpoint_state, clear_stale, load_checkpoint, restore, save_checkpoint
 from trady.train.microbatch import accumulate_gradients
 from trady.train.setup import Run, make_optimizer, setup
 from trady.train.step_meter import StepMeter
 
-__all__ = ["CHECKPOINT", "NonFiniteLoss", "Run", "finetune", "load_checkpoint", "setup"]
+__all__ = ["CHECKPOINT", "Diverged", "NonFiniteLoss", "Run", "finetune", "load_checkpoint", "setup"]
+
+# A loss above this many times the run's first loss (or 1, when the first is below 1) is a divergence.
+EXPLODING_FACTOR = 100.0
 
 
 def choose_selection(run: Run, epoch: int) -> Selection:
@@ -139,6 +142,13 @@ def _check_finite(run: Run, loss: torch.Tensor, epoch: int, i: int, steps: int) 
         torch.distributed.all_reduce(value)
     if not torch.isfinite(value):
         raise NonFiniteLoss(epoch, i + 1, steps, value=float(value))
+    loss_value = float(value) / run.world
+    if run.first_loss is None:
+        run.first_loss = loss_value
+    limit = EXPLODING_FACTOR * max(run.first_loss, 1.0)
+    if loss_value > limit:
+        raise NonFiniteLoss(epoch, i + 1, steps, value=loss_value, what="training loss",
+                            limit=f"over {EXPLODING_FACTOR:g}x the first loss {run.first_loss:.4g}")  # fmt: skip
 
 
 @torch.no_grad()
@@ -155,22 +165,31 @@ def evaluate(run: Run) -> tuple[float, float]:
 
 
 class NonFiniteLoss(TradyError):
-    """Training produced a NaN/inf loss (or weights): the run stops; the last good checkpoint stays."""
+    """Training diverged: a NaN/inf loss (or weights), or a loss exploding past EXPLODING_FACTOR times the
+    first one. The run stops with status "diverged"; the last good checkpoint stays. The CLI exits 3."""
+
+    exit_code = 3
 
     def __init__(
         self, epoch: int, step: int | None = None, steps: int | None = None, *, value: float | None = None,
-        what: str = "training loss", where: str = "at", kept: str = "",
+        what: str = "training loss", where: str = "at", kept: str = "", limit: str = "",
     ) -> None:  # fmt: skip
         at = f"{where} epoch {epoch}" + (f", step {step} of {steps}" if step is not None else "")
-        shown = f" ({value})" if value is not None else ""
+        shown = f" ({value:.4g}{', ' + limit if limit else ''})" if value is not None else ""
         tail = f"; stopped: {kept}" if kept else ""
-        super().__init__(f"non-finite {what}{shown} {at}{tail}; lower --lr")
+        kind = "exploding" if limit else "non-finite"
+        super().__init__(f"{kind} {what}{shown} {at}{tail}; lower --lr")
         self.epoch, self.step, self.steps, self.value, self.what, self.where = epoch, step, steps, value, what, where
+        self.limit = limit
 
     def with_kept(self, kept: str) -> NonFiniteLoss:
         return NonFiniteLoss(
-            self.epoch, self.step, self.steps, value=self.value, what=self.what, where=self.where, kept=kept
+            self.epoch, self.step, self.steps, value=self.value, what=self.what, where=self.where, kept=kept,
+            limit=self.limit,
         )
+
+
+Diverged = NonFiniteLoss  # the name says what it is: a non-finite or exploding loss
 
 
 def _progress(loader, config: FinetuneConfig, desc: str, rank: int):
@@ -211,7 +230,10 @@ def finetune(
     (trady.data.torch_inputs says how they are batched).
     resume: continue from `config.out`/checkpoint.pt when there is one (from the start otherwise).
     Bad input raises TradyError before anything is written; a failure during training writes
-    summary.json with status "failed" and keeps the metrics and the last checkpoint.
+    summary.json with status "failed" ("diverged" and `diverged_epoch` for a non-finite or exploding
+    loss: NonFiniteLoss) and keeps the metrics and the last checkpoint; summary.json and metrics.jsonl
+    never hold more epochs than the checkpoint. The run folder is locked for this process
+    (trady.core.run_lock).
     """
     threads = torch.get_num_threads()
     if config.threads:
@@ -225,11 +247,28 @@ def finetune(
 def _finetune(run: Run, resume: bool) -> dict[str, Any]:
     config = run.config
     out = Path(config.out) if config.out else None
+    lock = None
+    if out is not None and run.rank == 0:  # one process owns the folder (before anything is written)
+        lock = run_lock.acquire(out)
+        if lock.took_over:
+            print(f"trady: note: took over the lock of {out} left by process {lock.took_over}, which is no "
+                  "longer running", file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        return _run_epochs(run, resume, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_epochs(run: Run, resume: bool, out: Path | None) -> dict[str, Any]:
+    config = run.config
     is_main = run.rank == 0
     start_epoch, rows, elapsed = 0, [], 0.0
     if out is not None and resume and (out / CHECKPOINT).is_file():
         path = out / CHECKPOINT
-        start_epoch, rows, elapsed = restore(run, load_checkpoint(path), path)
+        state = load_checkpoint(path)
+        start_epoch, rows, elapsed = restore(run, state, path)
+        run.first_loss = state.get("first_loss")
         run.log(f"resuming {out} after epoch {start_epoch} of {config.epochs}")
         if is_main:
             clear_stale(out, fresh=False)
@@ -246,6 +285,7 @@ def _finetune(run: Run, resume: bool) -> dict[str, Any]:
             f"the processes found different checkpoints in {out}; every process must see the same run folder"
         )
     _sync_start(run)
+    saved = len(rows)  # epochs in the checkpoint on disk: summary.json never claims more
     t0 = time.perf_counter() - elapsed
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -273,19 +313,35 @@ def _finetune(run: Run, resume: bool) -> dict[str, Any]:
                     f"channels {row['selected_channels']}  ({row['epoch_time_s']:.1f}s)")  # fmt: skip
             if out is not None and is_main:
                 # checkpoint first: metrics.jsonl never shows an epoch that a resume would not start after
-                save_torch(out / CHECKPOINT, checkpoint_state(run, epoch, rows, time.perf_counter() - t0))
+                state = checkpoint_state(run, epoch, rows, time.perf_counter() - t0)
+                state["first_loss"] = run.first_loss
+                save_checkpoint(out, state)
+                saved = len(rows)
                 write_jsonl(out / "metrics.jsonl", rows)
+            else:
+                saved = len(rows)
     except Exception as err:
-        if isinstance(err, NonFiniteLoss):
-            err = err.with_kept(_kept_note(out, rows))
+        diverged = isinstance(err, NonFiniteLoss)
+        if diverged:
+            err = err.with_kept(_kept_note(out, rows[:saved]))
         if out is not None and is_main:
             error = str(err) if isinstance(err, TradyError) else f"{type(err).__name__}: {one_line(err)}"
-            write_json(out / "summary.json", _summary(run, rows, time.perf_counter() - t0, status="failed",
-                                                       error=error))  # fmt: skip
-        if isinstance(err, NonFiniteLoss):
+            summary = _summary(run, rows[:saved], time.perf_counter() - t0, error=error,
+                               status="diverged" if diverged else "failed")  # fmt: skip
+            if diverged:
+                summary["diverged_epoch"] = err.epoch
+            try:
+                write_json(out / "summary.json", summary)
+            except WriteFailed:
+                pass  # the disk is full: the error that stopped the run is the one to report
+        if diverged:
             raise err from None
         raise
     summary = _summary(run, rows, time.perf_counter() - t0)
+    if summary["at_chance"]:
+        print(f"trady: warning: test accuracy {summary['test_acc']:.4f} is at chance (1/{summary['classes']} "
+              f"classes, {summary['test_size']} test samples): the run learned nothing measurable",
+              file=sys.stderr, flush=True)  # fmt: skip
     if out is not None and is_main:
         write_json(out / "summary.json", summary)
     return summary
@@ -362,6 +418,16 @@ def _summary(run: Run, rows: list[dict], wall: float, status: str = "ok", error:
         "world_size": run.world,
         "classes": run.classes,
         "notes": run.notes,
+        "at_chance": at_chance(rows[-1]["test_acc"] if rows else None, run.classes, run.test_size),
         "status": status,
         "error": error,
     }
+
+
+def at_chance(test_acc: float | None, classes: int, test_size: int | None) -> bool | None:
+    """Whether the test accuracy is no better than guessing: within two binomial standard deviations of
+    1/classes on test_size samples (None when unknown)."""
+    if test_acc is None or not classes or classes < 2 or not test_size:
+        return None
+    chance = 1.0 / classes
+    return test_acc <= chance + 2.0 * math.sqrt(chance * (1.0 - chance) / test_size)

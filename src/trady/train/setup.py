@@ -30,6 +30,7 @@ from trady.engine.costs import CostTable, Selection
 from trady.models import entry
 from trady.selection import ranking, strategies
 from trady.selection.tuner import FULL_GRAD_BATCHES, Tuner
+from trady.train import preflight
 
 # det-rgn's full-gradient pass (Tuner._full_gradient_norms) is outside the measured training step
 FULL_GRADIENT_NOTE = (
@@ -59,8 +60,8 @@ class Run:
     notes: list[str] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None  # persistent optimizer of full/classifier/bias
     comm_elements: int = 0  # data parallel: gradient elements all-reduced per step (last step)
-    first_loss: float | None = None  # the loss of this process's first training step (the stem warning)
-    stem_warned: bool = False
+    first_loss: float | None = None  # the run's first training loss: the scale of divergence (checkpointed)
+    stem_warned: bool = False  # the stem warning is said once per run
 
     # the tuner's view, under the names the loop and the summary use
     @property
@@ -131,6 +132,9 @@ def setup(
         test_loader = BatchLoader(data.test, max(config.batch_size, 64), test_tf, shuffle=False, seed=config.seed)
         sizes, dataset, fingerprint = (len(data.train), len(data.test)), data.name, _fingerprint(data)
         classes = len(data.classes)
+        if classes < 2:
+            raise TradyError(f"dataset {config.data!r} has {classes} class(es) ({', '.join(map(repr, data.classes))}); "
+                             "accepted: a dataset of at least 2 classes (one class has nothing to learn)")  # fmt: skip
     if len(train_loader) == 0:
         raise TradyError(
             f"train_size {sizes[0]} is smaller than one batch of {config.batch_size * world}; "
@@ -141,7 +145,11 @@ def setup(
     model = model.to(device)
     model.eval()  # the paper's recipe: BatchNorm frozen (running statistics), no dropout
     if resolution is not None and train_data is None:
+        # before anything of the run's size is allocated: the largest forward (training or test batches)
+        forward_batch = max(config.micro_batch_size or config.batch_size, min(max(config.batch_size, 64), sizes[1]))
+        preflight.check_fits_memory(model, resolution, forward_batch)
         example = torch.zeros(1, 3, resolution, resolution, device=device)
+        preflight.check_output_classes(model, example, classes, config.model)
     else:
         from trady.data import torch_inputs as torchdata
 

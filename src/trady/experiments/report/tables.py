@@ -130,8 +130,10 @@ def problems_table(report: dict, markdown: bool = False) -> str | None:
 def format_report(report: dict, markdown: bool = False) -> str:
     h = (lambda t: f"## {t}") if markdown else (lambda t: f"== {t} ==")
     sub = (lambda t: f"### {t}") if markdown else (lambda t: t)
+    diverged = sum(e.get("status") == "diverged" for e in report["failed"])  # finished, but the loss blew up
     parts = [("# trady report: " if markdown else "trady report: ") + report["root"],
-             f"{report['n_runs']} finished runs, {len(report['failed'])} failed, "
+             f"{report['n_runs']} finished runs, " + (f"{diverged} diverged, " if diverged else "")
+             + f"{len(report['failed']) - diverged} failed, "
              f"{len(report['incomplete'])} incomplete" + (f", {len(report['duplicates'])} duplicates left out"
                                                           if report["duplicates"] else "")]
     if report["rows"]:

@@ -85,7 +85,28 @@ def get(name: str, **options: Any) -> Strategy:
             if accepted:
                 raise unknown_name(f"option of strategy {name!r}", key, accepted)
             raise TradyError(f"strategy {name!r} takes no options, got {key!r}")
+    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()}
+    for key, value in options.items():
+        _check_option_type(name, key, value, defaults.get(key, inspect.Parameter.empty))
     return cls(**options)
+
+
+def _check_option_type(strategy: str, key: str, value: Any, default: Any) -> None:
+    """An option's value has its default's type (a number for a float option): one line otherwise."""
+    if default is inspect.Parameter.empty or default is None:
+        return
+    if isinstance(default, bool):
+        ok, what = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, what = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        raise TradyError(f"option {key}={value!r} of strategy {strategy!r}: accepted {what} (default {default!r})")
 
 
 def option_names(name: str) -> list[str]:
