@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 import trady
 from helpers import cli, tiny_config, write_profile
 from test_data import make_folder
@@ -31,14 +33,15 @@ def test_rank_uses_what_a_small_folder_has(tmp_path: Path) -> None:
 
 def test_stem_explosion_warns_once_only_when_the_stem_trains(tmp_path: Path, capsys) -> None:
     profile = write_profile(tmp_path / "p.json")
-    summary = train.finetune(tiny_config(profile, "full", budget=None, lr=0.5, epochs=1, measure_memory=False))
+    summary = train.finetune(tiny_config(profile, "full", budget=None, lr=0.2, epochs=1,
+                                          measure_memory=False))  # the loss ends 10x-100x: warned, not diverged
     notes = [n for n in summary["notes"] if "while the stem" in n]
     assert len(notes) == 1 and "first_conv.conv" in notes[0]
     assert capsys.readouterr().err.count("while the stem") == 1
     # the head alone at a far larger lr: the loss explodes too, but the stem does not train
     run = train.setup(tiny_config(profile, "classifier", budget=None, lr=5.0, epochs=1, measure_memory=False))
-    stats = train.train_epoch(run, 1, train.make_optimizer(run), measure=False)
-    assert stats["train_loss"] > 10 * run.first_loss
+    with pytest.raises(train.NonFiniteLoss, match="exploding training loss"):  # over 100x: diverged
+        train.train_epoch(run, 1, train.make_optimizer(run), measure=False)
     assert not run.stem_warned and not any("while the stem" in n for n in run.notes)
 
 
