@@ -109,3 +109,37 @@ def test_switched_off_means_unavailable(monkeypatch) -> None:
     assert not native_codes.available()
     x = torch.randn(10, requires_grad=True)
     assert torch.equal(A.few_bit(x, A.SILU, 4), F.silu(x.detach()))  # the PyTorch paths run
+
+
+def _relu_values(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, generator=g) * 4
+    special = torch.tensor([0.0, -0.0, 6.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e-40, -1e-40,
+                            torch.nextafter(torch.tensor(6.0), torch.tensor(7.0)).item()])  # fmt: skip
+    y[: special.numel()] = special
+    return y[torch.randperm(n, generator=g)]
+
+
+@needs_cc
+@pytest.mark.parametrize(("lo", "hi"), [(0.0, None), (0.0, 6.0), (-1.0, 1.0)])
+@pytest.mark.parametrize("flush", [False, True])
+def test_compiled_clamp_mask_and_its_backward_are_the_pytorch_paths(lo, hi, flush, monkeypatch) -> None:
+    from trady.engine import functions
+
+    assert native_codes.available()
+    torch.set_flush_denormal(flush)  # the engine bench flushes denormals: the same bits either way
+    try:
+        for n in (13, 4096 + 5):  # the 16-wide loop and the scalar tail
+            y = torch.clamp(_relu_values(n, seed=n), lo, hi)
+            grad = _relu_values(n, seed=n + 1)
+            fast_mask = functions.clamp_mask(y, lo, hi, 1)
+            fast_grad = functions.masked_grad(fast_mask, grad, 1)
+            monkeypatch.setenv("TRADY_NATIVE_CODES", "0")
+            ref_mask = functions.clamp_mask(y, lo, hi, 1)
+            ref_grad = functions.masked_grad(ref_mask, grad, 1)
+            monkeypatch.delenv("TRADY_NATIVE_CODES")
+            assert torch.equal(fast_mask, ref_mask), (lo, hi, n)
+            # bit for bit, -0.0 and NaN included
+            assert torch.equal(fast_grad.view(torch.int32), ref_grad.view(torch.int32)), (lo, hi, n)
+    finally:
+        torch.set_flush_denormal(False)

@@ -1,4 +1,5 @@
-"""Compiled loops for few-bit codes: quantise + pack in one pass, decode + multiply in one pass.
+"""Compiled loops for few-bit codes (quantise + pack, decode + multiply) and ReLU masks (clamp mask,
+mask times gradient), one pass each.
 
 A few lines of C (below) built once per machine with the system's C compiler (`cc -O3 -march=native`)
 into a cache folder ($TRADY_CACHE_DIR, else ~/.cache/trady) and called through ctypes on float32
@@ -105,6 +106,44 @@ void trady_decode_mul(const uint8_t* p0, const uint8_t* p1, int bits, const floa
     for (int64_t i = 0; i < n; ++i) out[i] = L[(p0[i >> 3] >> (i & 7)) & 1] * g[i];
   }
 }
+/* ReLU-family masks: bit j of byte k is element 8k+j's "lo < x < hi" for y = clamp(x, lo, hi), computed
+   as trady.engine.functions._inside does: (y - lo) != 0 (y != 0 when lo is 0) and (y - hi) != 0, NaN
+   passing; zero bits past n. */
+void trady_clamp_mask(const float* y, int64_t n, float lo, float hi, int lo_zero, int has_hi, uint8_t* out) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), zero = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_loadu_ps(y + i);
+    __mmask16 m = _mm512_cmp_ps_mask(lo_zero ? v : _mm512_sub_ps(v, vlo), zero, _CMP_NEQ_UQ);
+    if (has_hi) m &= _mm512_cmp_ps_mask(_mm512_sub_ps(v, vhi), zero, _CMP_NEQ_UQ);
+    out[i / 8] = (uint8_t)(m & 0xFF);
+    out[i / 8 + 1] = (uint8_t)(m >> 8);
+  }
+#endif
+  for (; i < n; i += 8) {
+    uint8_t b = 0;
+    for (int j = 0; j < 8 && i + j < n; ++j) {
+      float v = y[i + j];
+      int inside = lo_zero ? (v != 0.0f) : ((v - lo) != 0.0f);
+      if (has_hi) inside &= ((v - hi) != 0.0f);
+      b |= (uint8_t)(inside << j);
+    }
+    out[i / 8] = b;
+  }
+}
+/* out[i] = (bit i ? 1 : 0) * g[i]: the float 0/1 mask times the gradient, as masked_grad multiplies. */
+void trady_mask_mul(const uint8_t* mask, const float* restrict g, float* restrict out, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    __mmask16 m = (__mmask16)(mask[i / 8] | (mask[i / 8 + 1] << 8));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_maskz_mov_ps(m, one), _mm512_loadu_ps(g + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = (float)((mask[i >> 3] >> (i & 7)) & 1) * g[i];
+}
 """
 
 _ENV = "TRADY_NATIVE_CODES"
@@ -146,6 +185,10 @@ def _build() -> ctypes.CDLL | bool:
     lib.trady_code_pack.restype = None
     lib.trady_decode_mul.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, i64]
     lib.trady_decode_mul.restype = None
+    lib.trady_clamp_mask.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int, ptr]
+    lib.trady_clamp_mask.restype = None
+    lib.trady_mask_mul.argtypes = [ptr, ptr, ptr, i64]
+    lib.trady_mask_mul.restype = None
     return lib
 
 
@@ -200,4 +243,20 @@ def decode_mul(packed: tuple[torch.Tensor, ...], bits: int, levels: torch.Tensor
     p1 = packed[1].data_ptr() if len(packed) > 1 else None
     n = grad.numel()
     _lib.trady_decode_mul(packed[0].data_ptr(), p1, bits, levels.data_ptr(), grad.data_ptr(), out.data_ptr(), n)
+    return out
+
+
+def clamp_mask(y: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
+    """trady.engine.functions.clamp_mask(y, lo, hi, bits=1) in one pass (y: float32, contiguous, CPU)."""
+    n = y.numel()
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    _lib.trady_clamp_mask(y.data_ptr(), n, float(lo), 0.0 if hi is None else float(hi), lo == 0, hi is not None,
+                          out.data_ptr())  # fmt: skip
+    return out
+
+
+def mask_mul(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """trady.engine.functions.masked_grad(mask, grad, bits=1) in one pass (grad: float32, contiguous, CPU)."""
+    out = torch.empty(grad.numel(), dtype=grad.dtype)
+    _lib.trady_mask_mul(mask.data_ptr(), grad.data_ptr(), out.data_ptr(), grad.numel())
     return out

@@ -39,8 +39,18 @@ def resident_bytes() -> int:
     return _status_bytes("VmRSS:")
 
 
+# The highest VmHWM seen before any reset: resets (the measured step's) must not lose the whole run's.
+_HWM_BEFORE_RESETS = 0
+
+
 def reset_resident_peak() -> bool:
-    """Reset the kernel's resident high-water mark to the current resident size; False where impossible."""
+    """Reset the kernel's resident high-water mark to the current resident size; False where impossible.
+    The mark before the reset is kept for process_peak_bytes()."""
+    global _HWM_BEFORE_RESETS
+    try:
+        _HWM_BEFORE_RESETS = max(_HWM_BEFORE_RESETS, resident_peak_bytes())
+    except OSError:
+        return False
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -52,6 +62,30 @@ def reset_resident_peak() -> bool:
 def resident_peak_bytes() -> int:
     """The process's resident high-water mark (VmHWM) since the last reset."""
     return _status_bytes("VmHWM:")
+
+
+def process_peak_bytes() -> int | None:
+    """The whole process's resident high-water mark since it started (VmHWM, across the resets of
+    reset_resident_peak); None where /proc/self/status has none (not Linux)."""
+    try:
+        return max(_HWM_BEFORE_RESETS, resident_peak_bytes())
+    except OSError:
+        return None
+
+
+def allocator_in_use() -> str:
+    """The malloc this process runs on: "tcmalloc" / "jemalloc" where one is loaded (LD_PRELOAD), else
+    "glibc" (with its MALLOC_* environment settings, if any)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            maps = fh.read()
+    except OSError:
+        maps = ""
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    env = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") and k.endswith("_"))
+    return f"glibc ({env})" if env else "glibc"
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
