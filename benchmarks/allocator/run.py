@@ -65,12 +65,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mcunet-in1,mobilenet_v2")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--recheck", action="store_true", help="no runs: tables and targets from results/allocator.json")
     args = ap.parse_args()
     missing = [a for a in ("jemalloc", "tcmalloc") if find_library(a) is None]
     allocators = [a for a in ALLOCATORS if a not in missing]
     results: dict = {}
+    if args.recheck:
+        saved = json.loads((HERE / "results" / "allocator.json").read_text())
+        results, missing = saved["runs"], saved["missing"]
     with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models.split(","):
+        for model in [] if args.recheck else args.models.split(","):
             for rep in range(args.repeats):
                 order = allocators[rep % len(allocators):] + allocators[: rep % len(allocators)]
                 for allocator in order:
@@ -98,8 +102,8 @@ def main() -> None:
                          f"{time_ratio:.2f} | {med['classifier']['epoch2_time_s']:.1f} | "
                          f"{med['classifier']['epoch2_time_s'] / base['classifier']:.2f} |")  # fmt: skip
     targets = check_targets(ratios, load_targets(HERE)["targets"])
-    env = environment(1)
-    command = f"{COMMAND} --models {args.models} --repeats {args.repeats}"
+    env = saved["environment"] if args.recheck else environment(1)
+    command = saved["command"] if args.recheck else f"{COMMAND} --models {args.models} --repeats {args.repeats}"
     record = {"command": command, "environment": env, "missing": missing, "runs": results, "ratios": ratios,
               "targets": targets}  # fmt: skip
     write_json(HERE / "results" / "allocator.json", record)

@@ -1,9 +1,10 @@
 """The CLI's malloc: re-exec once with the chosen allocator preloaded (LD_PRELOAD), as PyTorch's own
-CPU launcher does (`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`).
+CPU launcher does (`python -m torch.backends.xeon.run_cpu --enable-jemalloc`).
 
-Chosen by measurement (benchmarks/allocator, docs/memory.md): tcmalloc (Debian libtcmalloc-minimal4)
-keeps a trady run's whole-process high-water mark near the classifier-only run's at no step-time
-cost against glibc's defaults. The decision (`preload_decision`) respects an explicit choice:
+Chosen by measurement (benchmarks/allocator, docs/results/allocator.md): jemalloc (Debian
+libjemalloc2) kept a trady run's whole-process high-water mark within 1.01x the classifier-only run's
+on both models measured (glibc's defaults: up to 1.14x, tcmalloc: up to 1.08x), at no measured
+step-time cost against glibc's defaults. The decision (`preload_decision`) respects an explicit choice:
 LD_PRELOAD already set, TRADY_ALLOCATOR=glibc|tcmalloc|jemalloc|/path/lib.so, or --keep-allocator on
 the command line; an absent library leaves glibc with a one-line note. Python users get the same with
 
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT = "tcmalloc"
+DEFAULT = "jemalloc"
 LIBRARIES = {"tcmalloc": "libtcmalloc_minimal.so.4", "jemalloc": "libjemalloc.so.2"}
 PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
 # Commands that run training or measured steps; the others stay light and exec nothing.

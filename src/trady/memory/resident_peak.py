@@ -123,18 +123,23 @@ def set_allocator_for_measurement() -> bool:
 
 
 def release_preloaded_free_memory() -> bool:
-    """tcmalloc (preloaded, the CLI's default): give its free pages back to the kernel, so that a
-    measured step's resident growth starts from the live bytes (glibc's mallopt does not reach it).
-    Within the step tcmalloc reuses what it frees. False where no tcmalloc is loaded."""
+    """A preloaded allocator (jemalloc, the CLI's default, or tcmalloc) gives its free pages back to the
+    kernel, so that a measured step's resident growth starts from the live bytes (glibc's mallopt does
+    not reach them). Within the step the allocator reuses what it frees. False where neither is loaded."""
     import ctypes
 
     try:
-        release = ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory
-    except (AttributeError, OSError):
+        lib = ctypes.CDLL(None)
+    except OSError:
         return False
-    release.restype = None
-    release()
-    return True
+    if hasattr(lib, "MallocExtension_ReleaseFreeMemory"):  # tcmalloc
+        lib.MallocExtension_ReleaseFreeMemory.restype = None
+        lib.MallocExtension_ReleaseFreeMemory()
+        return True
+    if allocator_in_use() == "jemalloc" and hasattr(lib, "mallctl"):  # every arena (MALLCTL_ARENAS_ALL)
+        lib.mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        return lib.mallctl(b"arena.4096.purge", None, None, None, 0) == 0
+    return False
 
 
 def set_allocator_for_speed() -> None:
@@ -176,9 +181,9 @@ CPU_ALLOCATOR_NOTE = {
 }
 
 
-TCMALLOC_NOTE = {
-    True: "tcmalloc (preloaded): its free pages given back before the step, freed blocks reused within it",
-    False: "tcmalloc (preloaded) keeps freed pages: the figure can read low (down to 0); control_allocator=True "
+PRELOADED_NOTE = {
+    True: "{name} (preloaded): its free pages given back before the step, freed blocks reused within it",
+    False: "{name} (preloaded) keeps freed pages: the figure can read low (down to 0); control_allocator=True "
     "(the CLI's default) gives them back before the step",
 }
 
@@ -189,9 +194,9 @@ def peak_measure(device_type: str, control_allocator: bool) -> str | None:
     if what is None or device_type != "cpu":
         return what
     allocator = allocator_in_use()
-    if allocator == "tcmalloc":
-        return f"{what}; {TCMALLOC_NOTE[bool(control_allocator)]}"
-    if allocator != "glibc" and not allocator.startswith("glibc "):
+    if allocator in ("tcmalloc", "jemalloc"):
+        return f"{what}; {PRELOADED_NOTE[bool(control_allocator)].format(name=allocator)}"
+    if not allocator.startswith("glibc"):
         return f"{what}; {allocator} (preloaded): freed pages it keeps can make the figure read low"
     return f"{what}; {CPU_ALLOCATOR_NOTE[bool(control_allocator)]}"
 
