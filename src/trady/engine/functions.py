@@ -354,7 +354,7 @@ def masked_grad(mask: torch.Tensor, grad_out: torch.Tensor, bits: int) -> torch.
     add kernel calls here.
     """
     g = grad_out.contiguous().view(-1)
-    if bits == 1 and g.dtype == torch.float32 and g.device.type == "cpu" and native_codes.available():
+    if bits == 1 and g.dtype == torch.float32 and native_codes.fits(g, mask) and native_codes.available():
         return native_codes.mask_mul(mask, g)  # one compiled pass, the same products
     m = unpack_bits(mask, g.numel(), g.dtype) if bits == 1 else mask.view(torch.uint8).to(g.dtype)
     return m.mul_(g)  # same-dtype in-place multiply: no mixed bool * float kernel, no extra allocation

@@ -209,8 +209,11 @@ def available() -> bool:
 
 
 def fits(*tensors: torch.Tensor) -> bool:
-    """float32 / uint8 contiguous CPU tensors: what the loops take."""
-    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    """Plain contiguous CPU tensors with memory behind them: what the loops take (not the fake or
+    functional tensors that torch.compile traces with, which have no data pointer)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 _PARTS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}
