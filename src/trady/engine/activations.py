@@ -31,6 +31,7 @@ from torch import nn
 from torch.autograd import Function
 
 from trady.core.errors import TradyError
+from trady.engine import native_codes
 from trady.engine.packed_codes import code_levels, code_of, grid_of, pack_code
 
 TABLES_PATH = Path(__file__).with_name("activation_tables.json")
@@ -79,6 +80,16 @@ def _mish_grad(x: torch.Tensor) -> torch.Tensor:
     return t + x * torch.sigmoid(x) * (1 - t * t)
 
 
+def _ones(x: torch.Tensor) -> torch.Tensor:
+    return x.new_ones(()).expand(x.shape)  # one element, broadcast: no pass over memory
+
+
+def _by_backward_op(op, **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
+    """f'(x) as PyTorch's own backward kernel computes it for an output gradient of ones: one pass
+    over memory, and the very derivative stock autograd multiplies the gradient by."""
+    return lambda x: op(_ones(x), x, **kwargs)
+
+
 @dataclass(frozen=True)
 class ActivationKind:
     """One activation with its parameters: exact forward, exact derivative, table key."""
@@ -87,6 +98,11 @@ class ActivationKind:
     forward: Callable[[torch.Tensor], torch.Tensor]
     derivative: Callable[[torch.Tensor], torch.Tensor]
     two_values: tuple[float, float] | None = None  # f' takes only these values: 1 bit, exact
+    # the derivative the forward quantises (fitting uses `derivative`): stock's backward kernel
+    coded_derivative: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def derivative_to_code(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.coded_derivative or self.derivative)(x)
 
 
 def _leaky(slope: float) -> ActivationKind:
@@ -108,14 +124,20 @@ def _elu(alpha: float) -> ActivationKind:
     )
 
 
-SILU = ActivationKind("silu", F.silu, _silu_grad)
-GELU = ActivationKind("gelu", F.gelu, _gelu_grad)
-GELU_TANH = ActivationKind("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), _gelu_tanh_grad)
-HARDSWISH = ActivationKind("hardswish", F.hardswish, _hardswish_grad)
+_ATEN = torch.ops.aten
+SILU = ActivationKind("silu", F.silu, _silu_grad, coded_derivative=_by_backward_op(_ATEN.silu_backward))
+GELU = ActivationKind("gelu", F.gelu, _gelu_grad, coded_derivative=_by_backward_op(_ATEN.gelu_backward))
+GELU_TANH = ActivationKind(
+    "gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), _gelu_tanh_grad,
+    coded_derivative=_by_backward_op(_ATEN.gelu_backward, approximate="tanh"),
+)  # fmt: skip
+HARDSWISH = ActivationKind(
+    "hardswish", F.hardswish, _hardswish_grad, coded_derivative=_by_backward_op(_ATEN.hardswish_backward)
+)
 SIGMOID = ActivationKind("sigmoid", torch.sigmoid, _sigmoid_grad)
 HARDSIGMOID = ActivationKind("hardsigmoid", F.hardsigmoid, _hardsigmoid_grad, two_values=(0.0, 1.0 / 6.0))
 TANH = ActivationKind("tanh", torch.tanh, _tanh_grad)
-MISH = ActivationKind("mish", F.mish, _mish_grad)
+MISH = ActivationKind("mish", F.mish, _mish_grad, coded_derivative=_by_backward_op(_ATEN.mish_backward))
 
 # The kinds whose tables ship (default parameters); fit_activations.py writes exactly these.
 DEFAULT_KINDS = (SILU, GELU, GELU_TANH, HARDSWISH, SIGMOID, TANH, MISH, _elu(1.0))
@@ -257,10 +279,14 @@ class FewBitDerivativeFn(Function):
     def forward(ctx, x, kind: ActivationKind, bits: int, inplace: bool = False):
         borders, levels, grid = _table_tensors(kind, bits, x.device, x.dtype)
         bits = len(borders).bit_length()  # two-valued derivatives: 1 bit whatever was asked
-        d = kind.derivative(x)
-        code = grid.code(d) if grid is not None else code_of(d, borders)
-        del d
-        ctx.save_for_backward(*pack_code(code, bits), levels)
+        if x.dtype == torch.float32 and native_codes.fits(x) and native_codes.available():
+            # the derivative in cache-sized chunks, each quantised and packed in one compiled pass
+            packed = native_codes.code_pack_of(kind.derivative_to_code, x, borders, bits)
+        else:
+            d = kind.derivative_to_code(x)
+            packed = pack_code(grid.code(d) if grid is not None else code_of(d, borders), bits)
+            del d
+        ctx.save_for_backward(*packed, levels)
         ctx.shape, ctx.bits = x.shape, bits
         if inplace:
             x.copy_(kind.forward(x))
@@ -271,6 +297,8 @@ class FewBitDerivativeFn(Function):
     @staticmethod
     def backward(ctx, grad_out):
         *packed, levels = ctx.saved_tensors
+        if grad_out.dtype == torch.float32 and native_codes.fits(grad_out) and native_codes.available():
+            return native_codes.decode_mul(tuple(packed), ctx.bits, levels, grad_out), None, None, None
         scale = code_levels(tuple(packed), ctx.bits, levels, grad_out.numel()).view(ctx.shape)
         return scale.mul_(grad_out), None, None, None
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from trady.engine import native_codes
+
 # ---------------------------------------------------------------------------------------------
 # Weight slices: which weight entries belong to a set of input channels
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +321,8 @@ def _inside(y: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
 
 def clamp_mask(y: torch.Tensor, lo: float, hi: float | None, bits: int) -> torch.Tensor:
     """The mask ClampMaskFn keeps: bit-packed uint8 (bits=1) or bool (bits=8), in y's logical order."""
+    if bits == 1 and y.dtype == torch.float32 and native_codes.fits(y) and native_codes.available():
+        return native_codes.clamp_mask(y, lo, hi)  # one compiled pass, the same bits
     if not y.is_contiguous():  # rare (e.g. channels_last): one whole-tensor pass, in logical order
         inside = _inside(y, lo, hi).reshape(-1)
         return pack_bits(inside) if bits == 1 else inside
@@ -350,6 +354,8 @@ def masked_grad(mask: torch.Tensor, grad_out: torch.Tensor, bits: int) -> torch.
     add kernel calls here.
     """
     g = grad_out.contiguous().view(-1)
+    if bits == 1 and g.dtype == torch.float32 and native_codes.fits(g, mask) and native_codes.available():
+        return native_codes.mask_mul(mask, g)  # one compiled pass, the same products
     m = unpack_bits(mask, g.numel(), g.dtype) if bits == 1 else mask.view(torch.uint8).to(g.dtype)
     return m.mul_(g)  # same-dtype in-place multiply: no mixed bool * float kernel, no extra allocation
 

@@ -3,11 +3,19 @@
 `code_of` quantises values by sorted borders, `pack_code` / `unpack_code` pack and unpack, and
 `code_levels` decodes packed codes straight to their levels through [256, 8 / b] byte tables.
 Used by the few-bit activation derivatives (`trady.engine.activations`).
+
+These are the PyTorch paths; `trady.engine.native_codes` does quantise + pack and decode + multiply
+in one compiled pass each where a C compiler exists, with the same bits. Here `pack_code` folds 8 / w
+codes into a byte with shifts on a wider integer view (a few passes over 1-byte codes instead of one
+per code position; `pack_code_reference` is the one-position-at-a-time original it is tested against),
+and `code_levels` gathers a whole byte's levels as one 8- or 16-byte word (a 1-D index_select, several
+times faster than F.embedding's row gather).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +75,42 @@ def grid_of(borders: torch.Tensor) -> _Grid | None:
     return None
 
 
+# Folding w-bit codes held one per byte into one byte: view 8 / w bytes as one integer (little-endian),
+# then `u |= u >> s` for each s moves every code next to the one below it; the low byte is the packed
+# byte (the conversion to uint8 keeps the low 8 bits). Codes are < 2**w, so no fold mixes two codes.
+_FOLDS = {4: (torch.int16, (4,)), 2: (torch.int32, (6, 12)), 1: (torch.int64, (7, 14, 28))}
+
+
+def _fold(part: torch.Tensor, w: int) -> torch.Tensor:
+    dtype, shifts = _FOLDS[w]
+    u = part.view(dtype)
+    for s in shifts:
+        u = u | (u >> s)
+    return u.to(torch.uint8)
+
+
 def pack_code(code: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     """uint8 codes in [0, 2**bits) -> the packed byte arrays of _WIDTHS[bits] (flat)."""
+    flat = code.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if flat.dtype == torch.uint8 and flat.is_contiguous() and flat.device.type == "cpu" and _little_endian():
+        out, shift = [], 0
+        for w in _WIDTHS[bits]:
+            part = (flat >> shift) & (2**w - 1) if shift or w < bits else flat
+            out.append(_fold(part, w))
+            shift += w
+        return tuple(out)
+    return pack_code_reference(flat, bits)
+
+
+def _little_endian() -> bool:
+    return sys.byteorder == "little"
+
+
+def pack_code_reference(code: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """pack_code one code position at a time: the reference the folds are tested against."""
     flat = code.reshape(-1)
     pad = (-flat.numel()) % 8
     if pad:
@@ -103,10 +145,21 @@ def unpack_code(packed: tuple[torch.Tensor, ...], bits: int, numel: int) -> torc
     return code[:numel]
 
 
+# A byte table's row as one word: 1-D index_select copies one element per index, fast; a 2-D row
+# gather (F.embedding) is several times slower per byte.
+_WORDS = {8: torch.int64, 16: torch.complex128}
+
+
 def code_levels(packed: tuple[torch.Tensor, ...], bits: int, levels: torch.Tensor, numel: int) -> torch.Tensor:
     """The level of every element, flat: one table lookup per byte where the code fills whole bytes."""
     if len(packed) == 1:  # w = bits: a [256, 8 / w] table of levels, one gather per byte
-        out = F.embedding(packed[0].to(torch.int32), _byte_table(bits, levels))
+        table = _byte_table(bits, levels)
+        word = _WORDS.get(table.shape[1] * table.element_size())
+        index = packed[0].to(torch.int32)
+        if word is not None and levels.device.type == "cpu":
+            out = table.view(word).view(256).index_select(0, index).view(levels.dtype)
+        else:
+            out = F.embedding(index, table)
         return out.view(-1)[:numel]
     # 3 bits: the low 2 bits pick a level among the lower and the upper four, the high bit which one
     lo, hi = packed[0].to(torch.int32), packed[1].to(torch.int32)
@@ -114,3 +167,4 @@ def code_levels(packed: tuple[torch.Tensor, ...], bits: int, levels: torch.Tenso
     upper = F.embedding(lo, _byte_table(2, levels[4:])).view(-1)[:numel]
     high = F.embedding(hi, _byte_table(1, torch.tensor([0.0, 1.0], dtype=levels.dtype, device=levels.device)))
     return torch.where(high.view(-1)[:numel] > 0, upper, lower)
+

@@ -39,8 +39,18 @@ def resident_bytes() -> int:
     return _status_bytes("VmRSS:")
 
 
+# The highest VmHWM seen before any reset: resets (the measured step's) must not lose the whole run's.
+_HWM_BEFORE_RESETS = 0
+
+
 def reset_resident_peak() -> bool:
-    """Reset the kernel's resident high-water mark to the current resident size; False where impossible."""
+    """Reset the kernel's resident high-water mark to the current resident size; False where impossible.
+    The mark before the reset is kept for process_peak_bytes()."""
+    global _HWM_BEFORE_RESETS
+    try:
+        _HWM_BEFORE_RESETS = max(_HWM_BEFORE_RESETS, resident_peak_bytes())
+    except OSError:
+        return False
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -52,6 +62,30 @@ def reset_resident_peak() -> bool:
 def resident_peak_bytes() -> int:
     """The process's resident high-water mark (VmHWM) since the last reset."""
     return _status_bytes("VmHWM:")
+
+
+def process_peak_bytes() -> int | None:
+    """The whole process's resident high-water mark since it started (VmHWM, across the resets of
+    reset_resident_peak); None where /proc/self/status has none (not Linux)."""
+    try:
+        return max(_HWM_BEFORE_RESETS, resident_peak_bytes())
+    except OSError:
+        return None
+
+
+def allocator_in_use() -> str:
+    """The malloc this process runs on: "tcmalloc" / "jemalloc" where one is loaded (LD_PRELOAD), else
+    "glibc" (with its MALLOC_* environment settings, if any)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            maps = fh.read()
+    except OSError:
+        maps = ""
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    env = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") and k.endswith("_"))
+    return f"glibc ({env})" if env else "glibc"
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -84,7 +118,28 @@ def set_allocator_for_measurement() -> bool:
     libc.mallopt(_M_MMAP_THRESHOLD, int(ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]))
     libc.mallopt(_M_TRIM_THRESHOLD, int(ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"]))
     libc.malloc_trim(0)
+    release_preloaded_free_memory()
     return True
+
+
+def release_preloaded_free_memory() -> bool:
+    """A preloaded allocator (jemalloc, the CLI's default, or tcmalloc) gives its free pages back to the
+    kernel, so that a measured step's resident growth starts from the live bytes (glibc's mallopt does
+    not reach them). Within the step the allocator reuses what it frees. False where neither is loaded."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if hasattr(lib, "MallocExtension_ReleaseFreeMemory"):  # tcmalloc
+        lib.MallocExtension_ReleaseFreeMemory.restype = None
+        lib.MallocExtension_ReleaseFreeMemory()
+        return True
+    if allocator_in_use() == "jemalloc" and hasattr(lib, "mallctl"):  # every arena (MALLCTL_ARENAS_ALL)
+        lib.mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        return lib.mallctl(b"arena.4096.purge", None, None, None, 0) == 0
+    return False
 
 
 def set_allocator_for_speed() -> None:
@@ -126,11 +181,23 @@ CPU_ALLOCATOR_NOTE = {
 }
 
 
+PRELOADED_NOTE = {
+    True: "{name} (preloaded): its free pages given back before the step, freed blocks reused within it",
+    False: "{name} (preloaded) keeps freed pages: the figure can read low (down to 0); control_allocator=True "
+    "(the CLI's default) gives them back before the step",
+}
+
+
 def peak_measure(device_type: str, control_allocator: bool) -> str | None:
     """The summary's `peak_memory_measure`: what the measured step peak is, on this device and setting."""
     what = PEAK_MEASURE.get(device_type)
     if what is None or device_type != "cpu":
         return what
+    allocator = allocator_in_use()
+    if allocator in ("tcmalloc", "jemalloc"):
+        return f"{what}; {PRELOADED_NOTE[bool(control_allocator)].format(name=allocator)}"
+    if not allocator.startswith("glibc"):
+        return f"{what}; {allocator} (preloaded): freed pages it keeps can make the figure read low"
     return f"{what}; {CPU_ALLOCATOR_NOTE[bool(control_allocator)]}"
 
 

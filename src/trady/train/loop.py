@@ -35,7 +35,7 @@ from trady.core.files import WriteFailed, write_json, write_jsonl
 from trady.core.formatting import one_line
 from trady.core.schedule import lr_at
 from trady.engine.costs import Selection
-from trady.memory.resident_peak import peak_measure
+from trady.memory.resident_peak import allocator_in_use, peak_measure, process_peak_bytes
 from trady.train.checkpoint import CHECKPOINT, checkpoint_state, clear_stale, load_checkpoint, restore, save_checkpoint
 from trady.train.microbatch import accumulate_gradients
 from trady.train.setup import Run, make_optimizer, setup
@@ -410,6 +410,9 @@ def _summary(run: Run, rows: list[dict], wall: float, status: str = "ok", error:
         "measured_saved_bytes": _max(rows, "measured_saved_bytes"),
         "peak_memory_bytes": _max(rows, "peak_memory_bytes"),  # measured step peak, highest epoch row
         "peak_memory_measure": peak_measure(run.device.type, c.control_allocator),
+        # the whole process's resident high-water mark at the end of the run (VmHWM), and the malloc
+        "process_peak_bytes": process_peak_bytes(),
+        "process_peak_allocator": allocator_in_use(),
         "micro_batch_size": c.micro_batch_size,
         "train_size": run.train_size,
         "test_size": run.test_size,

@@ -1,11 +1,13 @@
 """Engine benchmark: what a training step really keeps and costs, engine vs. stock PyTorch.
 
-One run measures four variants of a training step on deep copies of the same model, alternating:
+One run measures five variants of a training step on deep copies of the same model, alternating:
 - full:        stock model, eval mode (frozen BatchNorm), every weight trained (dense backward);
 - simulation:  what the paper's code does: every parameter requires grad, dense backward, then each
                partially selected weight's gradient is multiplied by a 0/1 input-channel mask and the
                gradients of fully frozen tensors are zeroed, then the SGD step;
 - engine:      the SparseEngine-prepared copy, updating only the selection (plus the classifier);
+- freeze:      stock freezing: stock autograd, requires_grad=False except the selected layers' whole
+               weights and the classifier (what a user would do without trady);
 - forward:     forward + loss of the stock model under torch.no_grad (the floor).
 A step of (full, simulation, engine) is forward + cross-entropy + backward + SGD step (no momentum).
 
@@ -22,7 +24,8 @@ cost still fits the budget (a channel that does not fit is skipped).
 
 Result keys (bytes, seconds): full_saved_bytes, simulation_saved_bytes, engine_saved_bytes,
 engine_budgeted_bytes (measured: kept slices + slice gradients), analytic_budgeted_bytes (costs.py),
-full_step_s, simulation_step_s, engine_step_s, forward_step_s (medians of wall time); *_step_cpu_s
+full_step_s, simulation_step_s, engine_step_s, freeze_step_s, forward_step_s (medians of wall time);
+floor_forwards (plan's step-time floor in forwards, trady.train.prediction.time_floor); *_step_cpu_s
 (medians of process CPU time), engine_forward_step_s (the engine-prepared model's no-grad forward, for
 reference), *_grad_bytes, engine_rest_saved_bytes, cuda_peak_delta_bytes (CUDA only), ratios, targets,
 setup, step_samples_s, selection; run_engine_bench adds model, config and environment.
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import math
 import os
 import platform
 import statistics
@@ -47,13 +49,21 @@ from torch import nn
 from trady.core.errors import TradyError, unknown_name
 from trady.core.formatting import mib
 from trady.engine.costs import CostTable, Selection, analyze, parse_budget
+from trady.experiments.bench.layer_draw import (  # noqa: F401 (re-exported)
+    LAYER_CHOICES,
+    candidate_layers,
+    random_selection,
+    top_layers,
+)
 from trady.experiments.bench.variants import StepInputs, StepVariant, simulation_masks  # noqa: F401 (bench.simulation_masks)
 from trady.experiments.bench.variants import build as build_variant
 from trady.memory.kept_bytes import measure_saved_bytes
 from trady.memory.resident_peak import PeakMeter
+from trady.train.prediction import time_floor
 
-VARIANTS = ("full", "simulation", "engine", "forward")
-LAYER_CHOICES = ("auto", "profile", "top-fraction", "all")
+VARIANTS = ("full", "simulation", "engine", "freeze", "forward")
+
+
 
 @dataclass
 class StepBenchConfig:
@@ -103,63 +113,6 @@ class EngineBenchConfig(StepBenchConfig):
             raise TradyError(f"rounds must be >= 1, got {self.rounds}")
         if self.warmup < 0:
             raise TradyError(f"warmup must be >= 0, got {self.warmup}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Selection
-# ---------------------------------------------------------------------------------------------
-
-
-def top_layers(costs: CostTable, fraction: float) -> list[str]:
-    """The last ceil(fraction * n) layers by execution order (closest to the classifier)."""
-    n = len(costs.layers)
-    k = max(1, min(n, math.ceil(fraction * n)))
-    return costs.names[n - k :]
-
-
-def candidate_layers(
-    costs: CostTable, choice: str, model_name: str | None = None, top_fraction: float = 0.5
-) -> tuple[list[str], str]:
-    """(layer names to draw channels from, in execution order; a description of where they come from)."""
-    if choice not in LAYER_CHOICES:
-        raise unknown_name("layer choice", choice, LAYER_CHOICES)
-    if choice == "all":
-        return list(costs.names), "all layers"
-    if choice in ("auto", "profile"):
-        profile = None
-        if model_name is not None:
-            try:
-                from trady.selection import ranking
-
-                profile = ranking.load_profile(model_name)
-            except (ImportError, TradyError):
-                if choice == "profile":
-                    raise
-        elif choice == "profile":
-            raise TradyError("layers='profile' needs a zoo model name with a shipped ranking profile")
-        if profile is not None:
-            profile.check_layers(costs)
-            chosen = set(profile.top_k())
-            names = [n for n in costs.names if n in chosen]
-            return names, f"profile top-K (K={len(names)} of {len(costs.names)})"
-    names = top_layers(costs, top_fraction)
-    return names, f"top {top_fraction:.0%} by execution order ({len(names)} of {len(costs.names)})"
-
-
-def random_selection(
-    costs: CostTable, layers: Sequence[str], budget_units: int, generator: torch.Generator
-) -> Selection:
-    """Channels of `layers` in uniform random order, each added while its space cost still fits."""
-    from trady.selection.strategies import fill_budget, uniform_candidates
-
-    if not layers:
-        return {}
-    cheapest = min(costs.by_name[n].space_units_per_channel for n in layers)
-    if budget_units < cheapest:
-        raise TradyError(
-            f"budget of {budget_units} units fits no channel of the chosen layers (cheapest: {cheapest} units)"
-        )
-    return fill_budget(costs, uniform_candidates(costs, layers, generator), budget_units)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +171,7 @@ BENCH_VARIANTS = (
     BenchVariant("full", "full", _measure_stock),
     BenchVariant("simulation", "simulation", _measure_stock),
     BenchVariant("engine", "engine", _measure_engine),
+    BenchVariant("freeze", "freeze", _measure_stock),
     BenchVariant("forward", "inference", None),
 )
 
@@ -324,14 +278,18 @@ def bench_engine(
     result = {
         "full_saved_bytes": mem["full"]["saved_bytes"],
         "simulation_saved_bytes": mem["simulation"]["saved_bytes"],
+        "freeze_saved_bytes": mem["freeze"]["saved_bytes"],
         "engine_saved_bytes": eng["saved_bytes"],
         "engine_budgeted_bytes": eng["budgeted_bytes"],
         "analytic_budgeted_bytes": eng["analytic_budgeted_bytes"],
-        **{f"{v}_step_s": med[v] for v in ("full", "simulation", "engine", "forward")},
-        **{f"{v}_step_cpu_s": _median(cpu_samples[v]) for v in ("full", "simulation", "engine", "forward")},
+        **{f"{v}_step_s": med[v] for v in VARIANTS},
+        **{f"{v}_step_cpu_s": _median(cpu_samples[v]) for v in VARIANTS},
         "engine_forward_step_s": med["engine_forward"],
         "engine_forward_step_cpu_s": _median(cpu_samples["engine_forward"]),
-        **{f"{v}_grad_bytes": mem[v]["grad_bytes"] for v in ("full", "simulation", "engine")},
+        **{f"{v}_grad_bytes": mem[v]["grad_bytes"] for v in ("full", "simulation", "engine", "freeze")},
+        # plan's step-time floor (trady.train.prediction.time_floor): 1 + the forward MAC share at and
+        # above the lowest selected layer, in forwards
+        "floor_forwards": time_floor(costs, _lowest(costs, selection))[1],
         "engine_budgeted_activation_bytes": eng["budgeted_activation_bytes"],
         "engine_budgeted_grad_bytes": eng["budgeted_grad_bytes"],
         "engine_rest_saved_bytes": eng["rest_saved_bytes"],
@@ -368,11 +326,22 @@ def bench_engine(
     return result
 
 
+def _lowest(costs: CostTable, selection: Selection) -> str | None:
+    order = {n: i for i, n in enumerate(costs.names)}
+    return min(selection, key=lambda n: order.get(n, len(order)), default=None)
+
+
 def engine_ratios(r: dict) -> dict[str, float]:
     def div(a, b):
         return float(a) / float(b) if b else float("inf")
 
+    more = {}
+    if "freeze_step_s" in r:
+        more["engine_over_freeze_step"] = div(r["engine_step_s"], r["freeze_step_s"])
+    if "floor_forwards" in r:
+        more["engine_over_floor_step"] = div(r["engine_step_s"], r["forward_step_s"] * r["floor_forwards"])
     return {
+        **more,
         "full_over_engine_saved_bytes": div(r["full_saved_bytes"], r["engine_saved_bytes"]),
         "simulation_over_engine_saved_bytes": div(r["simulation_saved_bytes"], r["engine_saved_bytes"]),
         "engine_over_simulation_step": div(r["engine_step_s"], r["simulation_step_s"]),
@@ -485,9 +454,13 @@ def format_engine_bench(r: dict) -> str:
         peaks = ", ".join(f"{v} {mib(b)}" for v, b in r["cuda_peak_delta_bytes"].items())
         lines.append(f"measured step peak (CUDA, allocated above the start): {peaks}")
     lines.append("")
+    if "floor_forwards" in r:
+        lines.append(f"plan's step-time floor: {r['floor_forwards']:.2f}x forward (trady.train.prediction.time_floor)")
     shown = {"full_over_engine_saved_bytes": "kept for backward, full / engine",
              "engine_over_simulation_step": "step time, engine / simulation",
-             "engine_over_forward_step": "step time, engine / forward"}  # fmt: skip
-    for key, label in shown.items():
+             "engine_over_forward_step": "step time, engine / forward",
+             "engine_over_freeze_step": "step time, engine / stock freeze",
+             "engine_over_floor_step": "step time, engine / plan's floor"}  # fmt: skip
+    for key, label in ((k, v) for k, v in shown.items() if k in r["ratios"]):
         lines.append(f"{label:<34}{r['ratios'][key]:>9.2f}")
     return "\n".join(lines)

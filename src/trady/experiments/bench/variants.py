@@ -103,7 +103,7 @@ def build_engine(inp: StepInputs) -> StepVariant:
 
 
 def build_freeze(inp: StepInputs) -> StepVariant:
-    chosen = {f"{name}.weight" for name in inp.selection}
+    chosen = {f"{name}.{w}" for name in inp.selection for w in ("weight", "in_proj_weight")}  # MHA: in_proj
     head = inp.costs.classifier + "."
     m, params = _stock_copy(inp, lambda n, p: n in chosen or n.startswith(head))
     step, clear, opt = _trained_step(m, params, inp)
@@ -140,6 +140,12 @@ def simulation_masks(
     masks: dict[int, torch.Tensor] = {}
     for name, idx in selection.items():
         module = model.get_submodule(name)
+        if isinstance(module, nn.MultiheadAttention):  # the selection is in_proj's input channels
+            w = module.in_proj_weight
+            mask = torch.zeros(1, w.shape[1], dtype=w.dtype, device=w.device)
+            mask[0, idx.to(w.device)] = 1
+            masks[id(w)] = mask
+            continue
         masks[id(module.weight)] = _input_channel_mask(module, idx)
     return [(p, masks.get(id(p))) for p in model.parameters() if id(p) not in keep]
 
