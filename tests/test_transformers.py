@@ -254,3 +254,22 @@ def test_finetune_minilm_on_a_csv_of_texts(tmp_path, strategy: str, budget: str 
     assert summary["status"] == "ok" and summary["dataset"] == str(path) and summary["classes"] == 2
     assert summary["sequence_length"] == 10 and summary["peak_memory_bytes"] > 0
     assert summary["trainable_parameters"] > 0 and summary["step_time_s"] > 0
+
+
+@needs_extra
+def test_docs_transformers_example_runs_verbatim() -> None:
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "transformers.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, flags=re.DOTALL).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/transformers.md", "exec"), {"__name__": "docs"})
+    lines = out.getvalue().splitlines()
+    found = [re.match(r"epoch (\d): loss ([0-9.]+), (\d+) of (\d+) budget units", line) for line in lines]
+    assert len(found) == 3 and all(found), lines
+    assert all(0 < int(m.group(3)) <= int(m.group(4)) for m in found)
+    assert float(found[-1].group(2)) < float(found[0].group(2))  # it learns the four texts
