@@ -32,11 +32,12 @@ SENTENCES = ["a gripping, funny and moving film", "dull, and far too long", "it 
 LENGTH = 12
 
 
-def _minilm(num_classes: int = 2) -> nn.Module:
+def _minilm(num_classes: int = 2, attention: str = "sdpa") -> nn.Module:
     from trady import models
 
     torch.manual_seed(0)
     model = models.create("minilm-l6", pretrained=True, num_classes=num_classes)
+    model.bert.set_attn_implementation(attention)  # eager: matmul, softmax, dropout written out
     with torch.no_grad():  # a head of the size of the hidden states' scale, so every layer gets a real gradient
         model.classifier.weight.normal_(0, 1.0)
     return model.eval()  # no dropout: the exact comparison needs the same forward twice
@@ -76,8 +77,9 @@ def test_minilm_files_are_pinned_and_its_tokenizer_pads_to_the_length() -> None:
 
 
 @needs_extra
-def test_minilm_is_prepared_generically_and_exact_against_dense_autograd() -> None:
-    model, ids = _minilm(), _ids(2)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_minilm_is_prepared_generically_and_exact_against_dense_autograd(attention: str) -> None:
+    model, ids = _minilm(attention=attention), _ids(2)
     dense = copy.deepcopy(model)
     for p in dense.parameters():
         p.requires_grad_(True)
@@ -119,12 +121,13 @@ def test_minilm_is_prepared_generically_and_exact_against_dense_autograd() -> No
 
 
 @needs_extra
-def test_minilm_default_mode_keeps_few_bit_gelu_and_low_bit_attention_inputs() -> None:
-    """The default config (few-bit GELU, int8 LayerNorm/attention inputs) runs strict, with nothing unhandled,
-    and keeps less than the exact mode for the same selection."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_minilm_default_mode_keeps_few_bit_gelu_and_low_bit_attention_inputs(attention: str) -> None:
+    """The default config (few-bit GELU, int8 LayerNorm/attention tensors) runs strict, with nothing
+    unhandled, and keeps less than the exact mode for the same selection."""
     kept = {}
     for label, config in (("exact", EXACT), ("default", EngineConfig())):
-        model, ids = _minilm(), _ids(4)
+        model, ids = _minilm(attention=attention), _ids(4)
         engine = SparseEngine(model, ids, config)
         engine.select({n: [0, 1, 2] for n in engine.costs.names})
         report = engine.measure_step(ids, torch.tensor([0, 1, 0, 1]), loss_fn=F.cross_entropy)
@@ -138,9 +141,9 @@ class _Swish(nn.Module):  # a parameter-free leaf of another library, as transfo
         return F.silu(x)
 
 
-class _Softmaxed(nn.Module):
+class _Exp(nn.Module):
     def forward(self, x):
-        return torch.softmax(x, dim=-1)
+        return torch.exp(x)
 
 
 def _net(act: nn.Module) -> nn.Module:
@@ -162,9 +165,9 @@ def test_stateless_leaf_of_another_library_is_checked_call_by_call() -> None:
     expected = dense[0].weight.grad[:, [0, 2, 5]]
     torch.testing.assert_close(engine.layers["0"].trady.w_slice.grad, expected, **fp32_sum_tolerance(expected, 16))
     engine.restore()
-    model = _net(_Softmaxed())
+    model = _net(_Exp())
     engine = SparseEngine(model, x)
-    with pytest.raises(TradyError, match=r"softmax in module '1'"):
+    with pytest.raises(TradyError, match=r"torch.exp in module '1'"):
         engine.select({"0": [0]})
     engine.restore()
 
