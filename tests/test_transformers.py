@@ -276,3 +276,15 @@ def test_docs_transformers_example_runs_verbatim() -> None:
     assert len(found) == 3 and all(found), lines
     assert all(0 < int(m.group(3)) <= int(m.group(4)) for m in found)
     assert float(found[-1].group(2)) < float(found[0].group(2))  # it learns the four texts
+
+
+@needs_extra
+def test_plan_of_minilm_counts_tokens_for_activation_units() -> None:
+    from trady.train.plan import plan
+
+    out = plan("minilm-l6", resolution=LENGTH, budget="2%", batch_size=4)
+    layers = {lay["name"]: lay for lay in out["layers"]}
+    assert len(layers) == 36
+    lay = layers["bert.encoder.layer.3.output.dense"]
+    assert (lay["in_channels"], lay["out_channels"], lay["activation_units_per_channel"]) == (1536, 384, LENGTH)
+    assert lay["weight_units_per_channel"] == 384

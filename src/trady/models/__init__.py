@@ -14,7 +14,7 @@ Inputs: images in [0, 1] resized to `spec(name).resolution`, then `(x - spec.mea
 
 from trady.models import efficientnet_lite, mcu, minilm, mobilenet_v2, resnet  # noqa: F401  (registration)
 from trady.models.base import ZooModel, classifier_name, get_classifier, reset_classifier
-from trady.models.registry import ModelSpec, available, create, register, spec, text_encoder
+from trady.models.registry import ModelSpec, available, create, example_input, register, spec, text_encoder
 from trady.models.weights import load_into, load_state_dict_file
 
 
@@ -44,6 +44,7 @@ __all__ = [
     "available",
     "classifier_name",
     "create",
+    "example_input",
     "get_classifier",
     "load_into",
     "load_state_dict_file",

@@ -136,3 +136,13 @@ def create(
     if loading and num_classes is not None:
         model.reset_classifier(num_classes)
     return model
+
+
+def example_input(name: str, size: int | None = None, batch: int = 1) -> torch.Tensor:
+    """An input of the model's kind for tracing costs: zeros [batch, 3, size, size] for images, the token ids
+    of a sentence padded to `size` for token models (default size: spec(name).resolution)."""
+    entry = _entry(name)
+    size = size or entry.spec.resolution
+    if entry.spec.inputs == "tokens":
+        return text_encoder(name, size)(["an example sentence of the text this model reads"] * batch)
+    return torch.zeros(batch, 3, size, size)

@@ -42,7 +42,8 @@ def plan(
         raise TradyError(f"invalid batch size {batch_size!r}; accepted: a positive integer")
     model = models.create(model_name, pretrained=False, mcu_dir=mcu_dir)
     try:
-        table = analyze(model, (1, 3, res, res), classifier=models.classifier_name(model))
+        table = analyze(model, example_input=models.example_input(model_name, res),
+                        classifier=models.classifier_name(model))  # fmt: skip
     except RuntimeError as err:  # e.g. a resolution too small for the network's strides
         raise TradyError(f"model {model_name!r} cannot run at resolution {res}: {err}") from None
     return plan_from_table(table, model_name, res, budget, batch_size)
