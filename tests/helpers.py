@@ -22,7 +22,7 @@ RESOLUTION = 32
 # Fields that measure this machine and process, not the run's results: times, and the measured step
 # peak (resident memory: other processes' page sharing, the allocator's history), which differs between
 # two processes running the same steps. A resumed run's rows are compared without them.
-MACHINE_FIELDS = {"epoch_time_s", "wall_time_s", "peak_memory_bytes"}
+MACHINE_FIELDS = {"epoch_time_s", "step_time_s", "wall_time_s", "peak_memory_bytes"}
 
 
 def write_profile(path: Path, model: str = MODEL, resolution: int = RESOLUTION) -> Path:

@@ -145,17 +145,17 @@ def test_functional_dropout_keeps_a_bit_mask_and_draws_as_stock() -> None:
 
 def test_functional_call_that_keeps_a_tensor_is_named_or_runs_stock() -> None:
     torch.manual_seed(0)
-    model = Functional(lambda t: torch.softmax(t, dim=1))
+    model = Functional(lambda t: torch.exp(t))
     x = torch.randn(2, 3, 9, 9)
     dense = copy.deepcopy(model)
     engine = SparseEngine(model, x)
-    with pytest.raises(TradyError, match=r"backward: torch.softmax in module '<root>' \(keeps float32 \[1, 8, 9, 9\]"):
+    with pytest.raises(TradyError, match=r"backward: torch.exp in module '<root>' \(keeps float32 \[1, 8, 9, 9\]"):
         engine.select({"conv": [1]})  # at select time, from one sample of the example
     assert engine.selection == {}  # the previous selection stays
     with torch.no_grad():
         model(x)  # evaluation: nothing is kept, nothing to report
-    with pytest.raises(TradyError, match="softmax"):
-        engine.select({"body": [1]})  # softmax above: still on the path
+    with pytest.raises(TradyError, match="torch.exp"):
+        engine.select({"body": [1]})  # exp above: still on the path
     engine.restore()
     engine = SparseEngine(model, x, EngineConfig(strict=False))
     engine.select({"conv": [1]})
@@ -168,25 +168,25 @@ def test_functional_call_that_keeps_a_tensor_is_named_or_runs_stock() -> None:
 
 
 def test_every_offending_call_is_named_once_at_the_end_of_the_forward() -> None:
-    model = Functional(lambda t: torch.softmax(t, 1) * t + torch.softmax(t, 1) * t)
+    model = Functional(lambda t: torch.exp(t) * t + torch.exp(t) * t)
     x = torch.randn(1, 3, 5, 5)
     engine = SparseEngine(model, x)
     with pytest.raises(TradyError) as err:
         engine.select({"conv": [0]})
     msg = str(err.value)
-    assert msg.count("torch.softmax in module '<root>'") == 1 and msg.count("Tensor.mul in module '<root>'") == 1
+    assert msg.count("torch.exp in module '<root>'") == 1 and msg.count("Tensor.mul in module '<root>'") == 1
 
 
 def test_the_mode_is_left_after_an_error() -> None:
-    model = Functional(lambda t: torch.softmax(t, dim=1) if t.shape[-1] > 6 else t)
+    model = Functional(lambda t: torch.exp(t) if t.shape[-1] > 6 else t)
     x = torch.randn(1, 3, 5, 5)
     engine = SparseEngine(model, x)
     engine.select({"conv": [1]})  # the example (5 px) meets no offender
-    with pytest.raises(TradyError, match="softmax"):
+    with pytest.raises(TradyError, match="torch.exp"):
         model(torch.randn(2, 3, 9, 9))  # a wider input does: named at the end of the forward
     model(x).sum().backward()  # the engine still trains after the error
-    # a call outside the model is not seen: the mode was left (it would name this softmax otherwise)
-    torch.softmax(torch.randn(3, requires_grad=True), 0).sum().backward()
+    # a call outside the model is not seen: the mode was left (it would name this exp otherwise)
+    torch.exp(torch.randn(3, requires_grad=True)).sum().backward()
     engine.restore()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 

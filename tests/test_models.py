@@ -79,16 +79,18 @@ def photo_logits(name: str) -> torch.Tensor:
 
 
 def test_registry_lists_every_model_with_its_spec():
-    assert set(models.available()) == set(PRETRAINED) | {"resnet18", "resnet50"}
+    assert set(models.available()) == set(PRETRAINED) | {"resnet18", "resnet50", "minilm-l6"}
     for name in models.available():
         s = models.spec(name)
-        assert s.name == name and s.num_classes == 1000
+        assert s.name == name and s.num_classes == (2 if s.inputs == "tokens" else 1000)
         assert len(s.mean) == 3 and len(s.std) == 3 and s.pretrained_source
     assert models.spec("mobilenet_v2").resolution == 224
     assert models.spec("mobilenet_v2").mean == (0.485, 0.456, 0.406)
     assert [models.spec(f"efficientnet_lite{i}").resolution for i in range(3)] == [224, 240, 260]
     assert models.spec("efficientnet_lite1").mean == models.spec("efficientnet_lite1").std == (0.5,) * 3
     assert models.spec("mcunet-in1").resolution == 128
+    assert [n for n in models.available() if models.spec(n).inputs == "tokens"] == ["minilm-l6"]
+    assert models.spec("minilm-l6").resolution == 64  # a token model's default sequence length
 
 
 def test_unknown_model_name_is_one_clear_error():
@@ -427,7 +429,8 @@ ALLOWED_MODULES = (
 )
 
 
-@pytest.mark.parametrize("name", models.available())
+# image models (minilm-l6, a transformers BertModel on token ids: tests/test_transformers.py)
+@pytest.mark.parametrize("name", [n for n in models.available() if models.spec(n).inputs == "image"])
 def test_every_model_runs_tiny_inputs_with_a_uniform_head(name):
     torch.manual_seed(0)
     model = models.create(name, num_classes=5)

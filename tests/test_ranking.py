@@ -232,7 +232,7 @@ def test_shipped_profiles_match_their_models(name):
     p = ranking.load_profile(name)
     assert p.model == name and p.dataset != "fashion-mnist"
     model = models.create(name, pretrained=False, num_classes=10)
-    costs = analyze(model, input_shape=(1, 3, p.resolution, p.resolution), classifier="classifier")
+    costs = analyze(model, example_input=models.example_input(name, p.resolution), classifier="classifier")
     p.check_layers(costs)
     assert p.for_costs(costs) is p  # recorded units are the model's at the profile's resolution
     assert 1 <= p.k() <= len(p.layers)

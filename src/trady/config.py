@@ -41,6 +41,7 @@ class FinetuneConfig:
     train_size: int | None = None
     test_size: int | None = None
     resolution: int | None = None  # None: the model's default
+    sequence_length: int | None = None  # token models: ids per text (truncated/padded); None: the model's default
     # how to train (the paper's recipe: plain SGD, cosine with warm-up, frozen BatchNorm)
     strategy: str = "trady"
     budget: str | None = None  # units ("27946"), bytes ("256KB") or share of full fine-tuning ("2.2%")
@@ -102,7 +103,7 @@ class FinetuneConfig:
         check_micro_batch(self.micro_batch_size)
         if self.mask_bits not in (1, 8):
             raise TradyError(f"mask_bits must be 1 or 8, got {self.mask_bits}")
-        for name in ("train_size", "test_size", "resolution", "resample_every"):
+        for name in ("train_size", "test_size", "resolution", "sequence_length", "resample_every"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise TradyError(f"{name} must be >= 1, got {v}")

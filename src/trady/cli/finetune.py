@@ -28,11 +28,14 @@ def add_config_arguments(p) -> None:
         help="local .pth/.pt/.safetensors weights instead of the packaged ones (read with weights_only=True)",
     )
     p.add_argument("--mcu-dir", help="folder of the paper's int8 MCU models (default ../shared/models/mcu)")
-    p.add_argument("--data", default=d.data, help="fashion-mnist | digits | cifar10 | cifar100 | PATH")
+    p.add_argument("--data", default=d.data,
+                   help="fashion-mnist | digits | cifar10 | cifar100 | PATH; text models: rotten-tomatoes | FILE.csv")
     p.add_argument("--data-dir", help="folder holding the dataset files when not in the default place")
     p.add_argument("--train-size", type=int, help="seeded stratified subset of the training set")
     p.add_argument("--test-size", type=int, help="seeded stratified subset of the test set")
     p.add_argument("--resolution", type=int, help="input resolution (default: the model's)")
+    p.add_argument("--seq-len", dest="sequence_length", type=int,
+                   help="text models: token ids per text, truncated/padded (default: the model's, 64 for minilm-l6)")
     p.add_argument(
         "--strategy", default=d.strategy, help="trady, s-topk-random, d-full-random, ... full, classifier, bias"
     )

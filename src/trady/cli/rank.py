@@ -28,14 +28,18 @@ def register(sub) -> None:
         "(this imports and RUNS that code; build_fn(num_classes=N) or build_fn() returns an nn.Module; give "
         "--resolution)",
     )  # fmt: skip
-    p.add_argument("--data", default="digits", help="proxy dataset: digits | fashion-mnist | cifar10 | ... | PATH")
+    p.add_argument(
+        "--data", default="digits",
+        help="proxy dataset: digits | fashion-mnist | cifar10 | ... | PATH; text: rotten-tomatoes | FILE.csv",
+    )  # fmt: skip
     p.add_argument("--data-dir", help="folder holding the dataset files when not in the default place")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-size", type=int, default=512,
                    help="at most this many training images, a seeded stratified subset (fewer when the data has "
                    "fewer; 0: all)")  # fmt: skip
-    p.add_argument("--resolution", type=int, help="input resolution (default: the model's)")
+    p.add_argument("--resolution", "--seq-len", type=int,
+                   help="input resolution; text models: token ids per text (default: the model's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--clip-grad-norm", type=float, default=1.0, help="clip each update to this norm (0: off)")

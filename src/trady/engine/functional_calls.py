@@ -9,6 +9,7 @@ container modules (calls inside leaf modules and engine classes are theirs and p
   adaptive_avg_pool2d(x, 1) -> a mean (keeps nothing);
 - x * gate with a broadcast gate that needs a gradient (squeeze-excitation) -> lowbit.gate_mul;
 - F.layer_norm and F.scaled_dot_product_attention -> lowbit (EngineConfig.kept_precision, as the gate);
+- attention written out: matmul of two activations (neither a parameter or buffer) and softmax -> lowbit;
 - anything else runs stock; with strict=True, calls that keep a tensor for backward (other than a
   parameter or buffer) raise one TradyError at the end of the forward naming each function, its module
   and the tensor.
@@ -30,6 +31,8 @@ from trady.engine import kept_tensors as lowbit
 
 _MUL = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul, torch.mul}
 _RELU = {F.relu, torch.relu, torch.Tensor.relu}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 
 
 def _requires_grad(args, kwargs) -> bool:
@@ -104,8 +107,9 @@ class FunctionalCalls(TorchFunctionMode):
         self.offenders.clear()
         raise TradyError(
             f"functional call(s) on the backprop path keep tensors for backward: {calls}; handled: smooth "
-            "activations, relu, dropout, x * broadcast gate, layer_norm, scaled_dot_product_attention, "
-            "adaptive_avg_pool2d(x, 1) (or EngineConfig(strict=False) to let stock autograd keep them)"
+            "activations, relu, dropout, x * broadcast gate, layer_norm, scaled_dot_product_attention, matmul of "
+            "two activations, softmax, adaptive_avg_pool2d(x, 1) (or EngineConfig(strict=False) to let stock "
+            "autograd keep them)"
         )
 
     def _route(self, func, args, kwargs):
@@ -133,6 +137,17 @@ class FunctionalCalls(TorchFunctionMode):
             x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape", None)
             weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
             return lowbit.layer_norm(x, shape, weight, bias, _arg(args, kwargs, 4, "eps", 1e-5), self.kept_precision)
+        if func in _MATMUL and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
+            if any(_storage_key(a) in self.skip for a in args):
+                return NotImplemented  # a weight: a functional linear layer, not attention
+            out = lowbit.matmul(args[0], args[1], self.kept_precision)
+            return NotImplemented if out is None else out
+        if func in _SOFTMAX and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            dim = _arg(args, kwargs, 1, "dim", None)
+            if dim is None:  # (F.softmax's implicit dim is deprecated: left to stock autograd)
+                return NotImplemented
+            dtype = _arg(args, kwargs, 3 if func is F.softmax else 2, "dtype", None)
+            return lowbit.softmax(args[0], dim, dtype, self.kept_precision)
         if func is F.scaled_dot_product_attention and not kwargs.get("enable_gqa", False):
             q, k, v = args[:3]
             return lowbit.attention(

@@ -6,7 +6,9 @@ Precision "int8" (8 bits) or "fp32" (the tensor as it is: exact), EngineConfig.k
 - LayerNorm: keeps its input and recomputes its statistics in backward (stock keeps the input plus
   per-row mean and 1/std);
 - scaled dot-product attention: keeps q, k, v and recomputes the attention in backward (stock keeps
-  q, k, v, the output and the softmax statistics), replaying dropout's RNG.
+  q, k, v, the output and the softmax statistics), replaying dropout's RNG;
+- attention written out (transformers' eager attention): `matmul` of two activations keeps each operand
+  the other's gradient needs, softmax keeps its output (in [0, 1]: 8 bits are 1/255 steps per row).
 8 bits: asymmetric uint8 per row of the last dimension(s) (x ~ lo + code * step), with an fp32 lo and
 step per row. Everything kept goes through save_for_backward, so the engine's measurement sees it.
 """
@@ -189,3 +191,67 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     if attn_mask is not None and attn_mask.requires_grad:
         raise TradyError("scaled_dot_product_attention with an attention mask that needs a gradient is not supported")
     return AttentionFn.apply(q, k, v, attn_mask, float(dropout_p), bool(is_causal), scale, 8 if mode == "int8" else 32)
+
+
+class MatmulFn(Function):
+    """torch.matmul(a, b) of two activations, keeping (32 or 8 bits) only the operand each gradient needs:
+    b for a's gradient, a for b's; backward recomputes the product's gradient by autograd (broadcasting)."""
+
+    @staticmethod
+    def forward(ctx, a, b, bits):
+        ctx.needs = (a.requires_grad, b.requires_grad)
+        ctx.bits = bits
+        kept = [t for t, other_needs in ((a, b.requires_grad), (b, a.requires_grad)) if other_needs]
+        ctx.kept_a, ctx.kept_b = b.requires_grad, a.requires_grad
+        ctx.shapes = (a.shape, b.shape, a.dtype)
+        if bits == 8:
+            ctx.save_for_backward(*(q for t in kept for q in quantize_rows(t.detach(), (t.dim() - 1,))))
+        else:
+            ctx.save_for_backward(*(t.detach() for t in kept))
+        return torch.matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        if ctx.bits == 8:
+            saved = [dequantize(*saved[i : i + 3]) for i in range(0, len(saved), 3)]
+        a_shape, b_shape, dtype = ctx.shapes
+        a = saved.pop(0) if ctx.kept_a else torch.zeros(a_shape, dtype=dtype, device=grad_out.device)
+        b = saved.pop(0) if ctx.kept_b else torch.zeros(b_shape, dtype=dtype, device=grad_out.device)
+        with torch.enable_grad():
+            leaves = [a.detach().requires_grad_(ctx.needs[0]), b.detach().requires_grad_(ctx.needs[1])]
+            out = torch.matmul(*leaves)
+            wanted = [t for t in leaves if t.requires_grad]
+            grads = list(torch.autograd.grad(out, wanted, grad_out))
+        grad_a = grads.pop(0) if ctx.needs[0] else None
+        grad_b = grads.pop(0) if ctx.needs[1] else None
+        return grad_a, grad_b, None
+
+
+class SoftmaxFn(Function):
+    """softmax over `dim` keeping its output (32 bits, or 8: uint8 codes per row over dim)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, bits):
+        y = torch.softmax(x, dim)
+        ctx.dim = dim if dim >= 0 else dim + x.dim()
+        _keep(ctx, y, bits, (ctx.dim,))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, _ = _kept(ctx)
+        return y * (grad_out - (grad_out * y).sum(ctx.dim, keepdim=True)), None, None
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, mode: str = "int8") -> torch.Tensor | None:
+    """a @ b through MatmulFn when both are floating activations (None: not this function's case)."""
+    if not (a.is_floating_point() and b.is_floating_point()) or a.dim() < 2 or b.dim() < 2:
+        return None
+    return MatmulFn.apply(a, b, 8 if mode == "int8" else 32)
+
+
+def softmax(x: torch.Tensor, dim: int, dtype=None, mode: str = "int8") -> torch.Tensor:
+    if dtype is not None:
+        x = x.to(dtype)
+    return SoftmaxFn.apply(x, int(dim), 8 if mode == "int8" else 32)

@@ -51,11 +51,24 @@ def configure(name: str, module: nn.Module, config) -> None:
 
 def checked_by_mode(module: nn.Module) -> bool:
     """Whether the functional-call mode checks this module's own calls (handles them or, strict, raises):
-    a leaf subclass of a supported kind with its own forward (timm's LayerNorm2d, ...); the forward code
-    of modules with children (nn.TransformerEncoderLayer, a user's block) is always checked."""
+    a leaf subclass of a supported kind with its own forward (timm's LayerNorm2d, ...), a parameter-free
+    leaf defined outside torch (transformers' GELUActivation calling F.gelu, a user's Swish); the forward
+    code of modules with children (nn.TransformerEncoderLayer, a user's block) is always checked."""
     if next(module.children(), None) is not None:
         return type(module) not in CLASSES
-    return type(module) not in CLASSES and isinstance(module, tuple(SWAPS))
+    if type(module) in CLASSES:
+        return False
+    return isinstance(module, tuple(SWAPS)) or _foreign_stateless(module)
+
+
+def _foreign_stateless(module: nn.Module) -> bool:
+    """A leaf without parameters or buffers whose class lives outside torch: its forward is plain torch
+    calls on its inputs, which the mode sees as it sees a container's (torch's own leaves stay guarded)."""
+    return (
+        not type(module).__module__.startswith("torch.")
+        and next(module.parameters(recurse=False), None) is None
+        and next(module.buffers(recurse=False), None) is None
+    )
 
 
 def install(engine) -> list:

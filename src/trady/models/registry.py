@@ -22,7 +22,8 @@ from trady.models.weights import head_size, load_into, load_state_dict_file
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model's input contract: images in [0, 1], resized to `resolution`, then (x - mean) / std."""
+    """A model's input contract: images in [0, 1], resized to `resolution`, then (x - mean) / std; or,
+    with `inputs == "tokens"`, int64 token ids [B, L] (padding id 0) and `resolution` the default L."""
 
     name: str
     resolution: int
@@ -30,6 +31,7 @@ class ModelSpec:
     std: tuple[float, float, float]
     pretrained_source: str
     num_classes: int  # size of the pretrained head
+    inputs: str = "image"  # "image" | "tokens"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class _Entry:
     build: Callable[..., ZooModel]
     pretrained_weights: Callable[..., dict[str, torch.Tensor]] | None
     needs_mcu_dir: bool = False
+    encoder: Callable[[int], Callable[[list[str]], torch.Tensor]] | None = None  # token models: length -> encode
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -51,10 +54,20 @@ def register(
     build: Callable[..., ZooModel],
     pretrained_weights: Callable[..., dict[str, torch.Tensor]] | None = None,
     needs_mcu_dir: bool = False,
+    encoder: Callable[[int], Callable[[list[str]], torch.Tensor]] | None = None,
 ) -> None:
     if spec.name in _REGISTRY:
         raise ValueError(f"model {spec.name!r} registered twice")
-    _REGISTRY[spec.name] = _Entry(spec, build, pretrained_weights, needs_mcu_dir)
+    _REGISTRY[spec.name] = _Entry(spec, build, pretrained_weights, needs_mcu_dir, encoder)
+
+
+def text_encoder(name: str, length: int | None = None) -> Callable[[list[str]], torch.Tensor]:
+    """A token model's encoder: list of strings -> int64 ids [B, length] (default: spec(name).resolution)."""
+    entry = _entry(name)
+    if entry.encoder is None:
+        raise TradyError(f"model {name!r} takes images, not texts; text models: "
+                         f"{', '.join(n for n, e in _REGISTRY.items() if e.encoder is not None)}")  # fmt: skip
+    return entry.encoder(length or entry.spec.resolution)
 
 
 def available() -> list[str]:
@@ -123,3 +136,13 @@ def create(
     if loading and num_classes is not None:
         model.reset_classifier(num_classes)
     return model
+
+
+def example_input(name: str, size: int | None = None, batch: int = 1) -> torch.Tensor:
+    """An input of the model's kind for tracing costs: zeros [batch, 3, size, size] for images, the token ids
+    of a sentence padded to `size` for token models (default size: spec(name).resolution)."""
+    entry = _entry(name)
+    size = size or entry.spec.resolution
+    if entry.spec.inputs == "tokens":
+        return text_encoder(name, size)(["an example sentence of the text this model reads"] * batch)
+    return torch.zeros(batch, 3, size, size)

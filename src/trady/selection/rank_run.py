@@ -193,6 +193,9 @@ def compute_profile(
     if batch_size < 1:
         raise TradyError(f"batch_size must be >= 1, got {batch_size}")
     torch.manual_seed(seed)
+    if not entry.is_entry_point(model_name) and models.spec(model_name).inputs == "tokens":
+        return _compute_text_profile(model_name, data, epochs, seed, train_size, resolution, batch_size, lr,
+                                     clip_grad_norm, threshold, device, progress)  # fmt: skip
     pair = _at_most(load_dataset(data, data_dir=data_dir, test_size=1, seed=seed), train_size, seed)
     if entry.is_entry_point(model_name):
         if resolution is None:
@@ -216,4 +219,28 @@ def compute_profile(
         dataset=pair.name, progress=progress,
     )  # fmt: skip
     profile.extra.update(batch_size=batch_size, train_size=len(pair.train))
+    return profile
+
+
+def _compute_text_profile(model_name, data, epochs, seed, train_size, length, batch_size, lr, clip_grad_norm,
+                          threshold, device, progress) -> RankingProfile:  # fmt: skip
+    """compute_profile of a token model (`resolution` is then the sequence length) on a text data set."""
+    from trady import models
+    from trady.data import BatchLoader
+    from trady.data.text import TokenTransform, load_text_dataset
+
+    pair = load_text_dataset(data, train_size=train_size, test_size=1, seed=seed)
+    model = models.create(model_name, pretrained=True, num_classes=len(pair.classes)).to(device)
+    length = int(length or models.spec(model_name).resolution)
+    tf = TokenTransform(models.text_encoder(model_name, length))
+    loader = BatchLoader(pair.train, batch_size, tf, shuffle=True, seed=seed, drop_last=True)
+    if len(loader) < 1:
+        raise TradyError(f"train_size {len(pair.train)} is smaller than one batch of {batch_size}")
+    profile = rank(
+        model, loader, epochs=epochs, lr=lr, clip_grad_norm=clip_grad_norm, classifier="classifier",
+        example_input=tf(pair.train.get_batch([0])[0]).to(device), threshold=threshold, seed=seed, name=model_name,
+        dataset=pair.name, progress=progress,
+    )  # fmt: skip
+    profile.resolution = length
+    profile.extra.update(batch_size=batch_size, train_size=len(pair.train), sequence_length=length)
     return profile

@@ -130,6 +130,8 @@ class Tuner:
             cfg = EngineConfig(**{**vars(engine_config), "train_bias": True})
             self.engine = SparseEngine(model, example_input, cfg)
             self.engine.select({})
+        elif self.mode == "adapter":  # lora: the strategy attaches its adapters (restore() merges them)
+            self.strategy.attach(model, self.costs.classifier)
         else:
             head = set(map(id, model.get_submodule(self.costs.classifier).parameters()))
             for p in model.parameters():
@@ -381,6 +383,8 @@ class Tuner:
         if self.engine is not None:
             self.engine.restore()
         else:
+            if self.mode == "adapter":
+                self.strategy.detach(self.model)
             for n, p in self.model.named_parameters():
                 p.requires_grad_(self._orig_requires_grad.get(n, p.requires_grad))
         self.restored = True

@@ -98,6 +98,7 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     loss_sum, correct, seen, lr_sum = 0.0, 0, 0, 0.0
     bar = _progress(loader, config, f"epoch {epoch}/{config.epochs}", run.rank)
+    started = time.perf_counter()
     with StepMeter(run, steps, enabled=measure) as meter:
         for i, (x, y) in enumerate(bar):
             x, y = x.to(run.device), y.to(run.device)
@@ -115,6 +116,7 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
             correct += int((logits.argmax(1) == y).sum())
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    step_time = (time.perf_counter() - started) / max(steps, 1)
     if run.engine is not None:
         run.engine.sync()
     with torch.no_grad():
@@ -123,7 +125,8 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
     if run.world > 1:  # the epoch's metrics over the global batches
         loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], run.device)
     lr = lr_sum / steps if steps else _set_lr(run, optimizer, epoch, 0, 1)
-    return {"lr": lr, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), **meter.results()}
+    return {"lr": lr, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "step_time_s": step_time, "trainable_parameters": sum(p.numel() for p in params), **meter.results()}
 
 
 def _set_lr(run: Run, optimizer: torch.optim.Optimizer, epoch: int, i: int, steps: int) -> float:
@@ -305,6 +308,8 @@ def _run_epochs(run: Run, resume: bool, out: Path | None) -> dict[str, Any]:
                 "measured_saved_bytes": stats.get("measured_saved_bytes"),
                 "measured_budgeted_bytes": stats.get("measured_budgeted_bytes"),
                 "peak_memory_bytes": stats.get("peak_memory_bytes"),  # of this machine and process, like the time
+                "trainable_parameters": stats.get("trainable_parameters"),
+                "step_time_s": stats.get("step_time_s"),
                 "epoch_time_s": time.perf_counter() - t_epoch,
             }
             rows.append(row)
@@ -409,6 +414,8 @@ def _summary(run: Run, rows: list[dict], wall: float, status: str = "ok", error:
         "measured_budgeted_bytes": _max(rows, "measured_budgeted_bytes"),
         "measured_saved_bytes": _max(rows, "measured_saved_bytes"),
         "peak_memory_bytes": _max(rows, "peak_memory_bytes"),  # measured step peak, highest epoch row
+        "trainable_parameters": _max(rows, "trainable_parameters"),  # elements the optimizer held (slices: sized)
+        "step_time_s": _mean(rows, "step_time_s"),  # mean wall time of a training step (data loading included)
         "peak_memory_measure": peak_measure(run.device.type, c.control_allocator),
         # the whole process's resident high-water mark at the end of the run (VmHWM), and the malloc
         "process_peak_bytes": process_peak_bytes(),
@@ -417,6 +424,7 @@ def _summary(run: Run, rows: list[dict], wall: float, status: str = "ok", error:
         "train_size": run.train_size,
         "test_size": run.test_size,
         "resolution": run.resolution,
+        "sequence_length": c.sequence_length,
         "batch_size": c.batch_size,  # per process; data parallel: global batch = batch_size * world_size
         "world_size": run.world,
         "classes": run.classes,

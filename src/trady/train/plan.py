@@ -36,6 +36,10 @@ def plan(
     """The plan of a zoo model (built without pretrained weights) or of a user model
     (`path/to/file.py:build_fn`, `package.module:build_fn`: runs that code; or the nn.Module itself; give
     `resolution`) as a JSON-ready dict. The head of a user model is the last Conv2d/Linear its forward calls."""
+    import torch
+
+    from trady import models
+
     model, classifier, default_res = build_for_plan(model_name, resolution, mcu_dir)
     if not isinstance(model_name, str):
         model_name = type(model_name).__name__
@@ -46,7 +50,9 @@ def plan(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TradyError(f"invalid batch size {batch_size!r}; accepted: a positive integer")
     try:
-        table = analyze(model, (1, 3, res, res), classifier=classifier)
+        zoo = model_name in models.available()  # a zoo model's own kind of input (token ids for text models)
+        example = models.example_input(model_name, res) if zoo else torch.zeros(1, 3, res, res)
+        table = analyze(model, example_input=example, classifier=classifier)
     except RuntimeError as err:  # e.g. a resolution too small for the network's strides
         raise TradyError(f"model {model_name!r} cannot run at resolution {res}: {err}") from None
     return plan_from_table(table, model_name, res, budget, batch_size)

@@ -93,7 +93,10 @@ def predict_step_peak(
     module = module.eval()
     gen = torch.Generator().manual_seed(seed)
     b = min(micro_batch_size or batch_size, batch_size)
-    x = torch.randn(b, 3, resolution, resolution, generator=gen)
+    if isinstance(model, str) and models.spec(model).inputs == "tokens":  # token ids; `resolution` is the length
+        x = models.example_input(model, resolution, batch=b)
+    else:
+        x = torch.randn(b, 3, resolution, resolution, generator=gen)
     costs = analyze(module, example_input=x[:1], classifier=classifier)
     with torch.no_grad():
         out_classes = module(x[:1]).shape[-1]

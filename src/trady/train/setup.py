@@ -24,6 +24,7 @@ from trady.config import FinetuneConfig
 from trady.core import distributed
 from trady.core.errors import TradyError
 from trady.data import BatchLoader, load_dataset
+from trady.data.text import TokenTransform, is_text_data, load_text_dataset
 from trady.data.transforms import ImageTransform
 from trady.engine import EngineConfig, SparseEngine
 from trady.engine.costs import CostTable, Selection
@@ -119,6 +120,10 @@ def setup(
         dataset = config.data
         fingerprint = hashlib.sha256(repr(sizes).encode()).hexdigest()[:16]
         classes = None
+    elif spec is not None and spec.inputs == "tokens" or is_text_data(config.data):
+        train_loader, test_loader, sizes, dataset, fingerprint, classes, example = _text_batches(
+            config, spec, rank, world)
+        resolution = None
     else:
         if resolution is None:
             raise TradyError(f"model {config.model!r} is a user model: give the input resolution of trady's "
@@ -149,6 +154,9 @@ def setup(
         forward_batch = max(config.micro_batch_size or config.batch_size, min(max(config.batch_size, 64), sizes[1]))
         preflight.check_fits_memory(model, resolution, forward_batch)
         example = torch.zeros(1, 3, resolution, resolution, device=device)
+        preflight.check_output_classes(model, example, classes, config.model)
+    elif train_data is None:  # text: the first training text's ids
+        example = example.to(device)
         preflight.check_output_classes(model, example, classes, config.model)
     else:
         from trady.data import torch_inputs as torchdata
@@ -183,6 +191,25 @@ def setup(
     if run.mode != "sparse":  # full/classifier/bias train the same tensors all run: one optimizer
         run.optimizer = make_optimizer(run)
     return run
+
+
+def _text_batches(config: FinetuneConfig, spec, rank: int, world: int):
+    """Texts -> token ids through the model's own tokenizer: loaders, sizes, name, fingerprint, classes, example."""
+    if spec is None or spec.inputs != "tokens":
+        accepted = ", ".join(n for n in models.available() if models.spec(n).inputs == "tokens")
+        raise TradyError(f"data {config.data!r} is text; accepted models: {accepted} (model {config.model!r} "
+                         "takes images)")  # fmt: skip
+    if not is_text_data(config.data):
+        raise TradyError(f"model {config.model!r} takes texts; accepted data: rotten-tomatoes or a .csv file "
+                         f"with the columns text,label, got {config.data!r}")  # fmt: skip
+    data = load_text_dataset(config.data, train_size=config.train_size, test_size=config.test_size, seed=config.seed)
+    tf = TokenTransform(models.text_encoder(config.model, config.sequence_length))
+    train_loader = BatchLoader(data.train, config.batch_size, tf, shuffle=True, seed=config.seed, drop_last=True,
+                               rank=rank, world_size=world)  # fmt: skip
+    test_loader = BatchLoader(data.test, max(config.batch_size, 64), tf, shuffle=False, seed=config.seed)
+    example = tf(data.train.get_batch([0])[0])
+    sizes = (len(data.train), len(data.test))
+    return train_loader, test_loader, sizes, data.name, _fingerprint(data), len(data.classes), example
 
 
 def make_optimizer(run: Run) -> torch.optim.Optimizer:

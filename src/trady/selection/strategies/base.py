@@ -28,7 +28,7 @@ from trady.core.errors import TradyError, unknown_name
 from trady.engine.costs import CostTable, Selection
 from trady.selection.ranking import RankingProfile
 
-MODES = ("sparse", "full", "classifier", "bias")
+MODES = ("sparse", "full", "classifier", "bias", "adapter")
 GRAD_SOURCES = (None, "full", "running")
 
 
