@@ -22,6 +22,7 @@ from trady.core.errors import TradyError
 from trady.core.files import load_torch
 from trady.core.formatting import one_line
 from trady.models.weights import load_into
+from trady.train.run_paths import absolute_settings
 from trady.train.setup import Run
 
 CHECKPOINT_FORMAT = "trady-checkpoint-2"
@@ -105,6 +106,7 @@ def check_compatible(run: Run, state: dict[str, Any], path: Path) -> int:
     config = run.config
     theirs = state.get("config")
     if isinstance(theirs, dict):
+        theirs = absolute_settings(theirs)  # a run folder from before paths were stored absolute
         ours = config.to_dict()
         diff = [k for k in ours if k not in NON_RESULT_SETTINGS and k in theirs and theirs[k] != ours[k]]
         if diff:
