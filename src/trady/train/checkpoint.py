@@ -106,8 +106,8 @@ def check_compatible(run: Run, state: dict[str, Any], path: Path) -> int:
     config = run.config
     theirs = state.get("config")
     if isinstance(theirs, dict):
-        theirs = absolute_settings(theirs)  # a run folder from before paths were stored absolute
-        ours = config.to_dict()
+        # both through the same paths rule: a run folder from before paths were stored absolute matches
+        theirs, ours = absolute_settings(theirs), absolute_settings(config.to_dict())
         diff = [k for k in ours if k not in NON_RESULT_SETTINGS and k in theirs and theirs[k] != ours[k]]
         if diff:
             k = diff[0]
