@@ -147,6 +147,11 @@ def test_rank_plan_tune_measure_finetune_export(tmp_path, name):
     assert info["test_acc"] == summary["test_acc"] and json.loads((tmp_path / "model.json").read_text()) == info
     fresh = e.build()
     models.load_into(fresh, load_file(str(tmp_path / "model.safetensors")))
-    with torch.no_grad():
-        acc = (fresh.eval()(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean().item()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run evaluated (config.threads): the same kernels, the same rounding
+    try:
+        with torch.no_grad():
+            acc = (fresh.eval()(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean().item()
+    finally:
+        torch.set_num_threads(threads)
     assert acc == summary["test_acc"]

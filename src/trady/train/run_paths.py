@@ -26,6 +26,14 @@ def _absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def _is_folder_path(data: str) -> bool:
+    """`--data` names a folder (not a dataset): load_dataset's rule (a mistyped name stays a name, so
+    that its error suggests the closest dataset)."""
+    if not data or dataset_key(data) is not None:
+        return False
+    return any(c in data for c in ("/", "\\", "~")) or os.path.exists(os.path.expanduser(data))
+
+
 def absolute_model(model: str) -> str:
     """A builder `path/to/file.py:fn` with its file made absolute; zoo and module names unchanged."""
     if not entry.is_entry_point(model):
@@ -43,7 +51,7 @@ def absolute_settings(settings: dict[str, Any], *, data: bool = True, model: boo
             out[key] = _absolute(out[key])
     if model and isinstance(out.get("model"), str):
         out["model"] = absolute_model(out["model"])
-    if data and isinstance(out.get("data"), str) and out["data"] and dataset_key(out["data"]) is None:
+    if data and isinstance(out.get("data"), str) and _is_folder_path(out["data"]):
         out["data"] = _absolute(out["data"])
     return out
 
