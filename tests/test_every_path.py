@@ -137,8 +137,8 @@ def test_rank_plan_tune_measure_finetune_export(tmp_path, name):
     assert 0 < report.saved_bytes < full.total
 
     # finetune on the user's tensors, export, load into a fresh model
-    config = FinetuneConfig(strategy="trady", budget=BUDGET, epochs=2, batch_size=BATCH, lr=0.02, threads=1,
-                            progress=False, out=str(tmp_path / "run"), seed=0)  # fmt: skip
+    config = FinetuneConfig(strategy="trady", budget=BUDGET, epochs=2, batch_size=BATCH, lr=0.01, classifier_lr=0.01,
+                            threads=1, progress=False, out=str(tmp_path / "run"), seed=0)  # fmt: skip
     profile_path = tmp_path / "profile.json"
     profile.save(profile_path)
     config.profile = str(profile_path)
