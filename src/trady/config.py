@@ -23,6 +23,16 @@ NON_RESULT_SETTINGS = (
 MIN_RESOLUTION = 8  # pixels: below this an image has no spatial structure left for a convolutional network
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take 0..2**32-1
 
+# The training recipes (docs/models-data-recipe.md#training-recipe). "default" trains every zoo model and
+# strategy (chosen from measurements: benchmarks/recipe, docs/results/recipe.md); "paper" is the
+# published one (one lr of 0.125 for backbone and head, PyTorch's head init), which collapses the
+# float MCU models and full fine-tuning here (docs/results/lr-recipe.md). `trady finetune --recipe paper`.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {"lr": 0.002, "classifier_lr": 0.1, "classifier_init": "zeros", "warmup_epochs": 0, "momentum": 0.0},
+    "paper": {"lr": 0.125, "classifier_lr": None, "classifier_init": "default", "warmup_epochs": 1, "momentum": 0.0},
+}
+_DEFAULT = RECIPES["default"]
+
 
 def check_micro_batch(micro_batch_size: int | None) -> None:
     if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or micro_batch_size < 1):
@@ -42,18 +52,18 @@ class FinetuneConfig:
     test_size: int | None = None
     resolution: int | None = None  # None: the model's default
     sequence_length: int | None = None  # token models: ids per text (truncated/padded); None: the model's default
-    # how to train (the paper's recipe: plain SGD, cosine with warm-up, frozen BatchNorm)
+    # how to train (plain SGD, cosine with warm-up, frozen BatchNorm; the rates: RECIPES["default"])
     strategy: str = "trady"
     budget: str | None = None  # units ("27946"), bytes ("256KB") or share of full fine-tuning ("2.2%")
     profile: str | None = None  # layer-ranking profile JSON; None: the one shipped for the model
     epochs: int = 10
     batch_size: int = 32
     micro_batch_size: int | None = None  # split each step's batch; gradients accumulate (trady.train.microbatch)
-    lr: float = 0.125
-    classifier_lr: float | None = None  # the fresh head's base LR; None: same as lr
-    classifier_init: str = "default"  # the fresh head: "default" (PyTorch's) or "zeros"
-    warmup_epochs: int = 1
-    momentum: float = 0.0
+    lr: float = _DEFAULT["lr"]  # the backbone's base LR (the paper's: 0.125, RECIPES["paper"])
+    classifier_lr: float | None = _DEFAULT["classifier_lr"]  # the fresh head's base LR; None: same as lr
+    classifier_init: str = _DEFAULT["classifier_init"]  # the fresh head: "zeros" or "default" (PyTorch's)
+    warmup_epochs: int = _DEFAULT["warmup_epochs"]
+    momentum: float = _DEFAULT["momentum"]
     weight_decay: float = 0.0
     train_bias: bool = False
     mask_bits: int = 1  # ReLU masks kept for backward: 1 (bit-packed) or 8 (bool)

@@ -14,7 +14,7 @@ from trady import __version__
 from trady.core.errors import TradyError
 
 # Module names under trady.cli, in the order `trady --help` lists them.
-COMMAND_MODULES = ["finetune", "plan", "rank", "sweep", "report", "bench", "models_cmd"]
+COMMAND_MODULES = ["finetune", "plan", "rank", "sweep", "report", "bench", "export", "models_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

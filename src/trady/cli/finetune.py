@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trady.config import NON_RESULT_SETTINGS, FinetuneConfig
+from trady.config import NON_RESULT_SETTINGS, RECIPES, FinetuneConfig
 from trady.core.errors import TradyError
 from trady.core.formatting import mib, pct
 
@@ -50,12 +50,23 @@ def add_config_arguments(p) -> None:
     p.add_argument("--micro-batch", dest="micro_batch_size", type=int, default=None,
                    help="split each step's batch into micro-batches of this size; their gradients accumulate "
                    "into one optimizer step (equal to the full batch's with frozen BatchNorm, no dropout)")  # fmt: skip
-    p.add_argument("--lr", type=float, default=d.lr, help=f"base learning rate (default {d.lr})")
-    p.add_argument("--classifier-init", choices=("default", "zeros"), default=d.classifier_init,
-                   help="initialisation of the fresh classifier (zeros: no random-head noise into the backbone)")
-    p.add_argument("--classifier-lr", type=float, help="base learning rate of the fresh classifier (default: --lr)")
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
-    p.add_argument("--momentum", type=float, default=d.momentum, help="0 by default: state would break the budget")
+    ours, paper = RECIPES["default"], RECIPES["paper"]
+    p.add_argument(
+        "--recipe", choices=sorted(RECIPES), default="default",
+        help=f"the training recipe: default (backbone lr {ours['lr']}, head lr {ours['classifier_lr']} from a zero "
+        f"head: trains every zoo model and strategy) or paper (one lr {paper['lr']}, PyTorch's head init: the "
+        "published recipe, which collapses the MCU models here); --lr, --classifier-lr, --classifier-init, "
+        "--warmup-epochs and --momentum given with it win",
+    )  # fmt: skip
+    p.add_argument("--lr", type=float, default=None, help="base learning rate of the backbone (default: the recipe's)")
+    p.add_argument("--classifier-init", choices=("default", "zeros"), default=None,
+                   help="initialisation of the fresh classifier (zeros: no random-head noise into the backbone; "
+                   "default: the recipe's)")  # fmt: skip
+    p.add_argument("--classifier-lr", type=float, default=None,
+                   help="base learning rate of the fresh classifier (default: the recipe's; paper: --lr)")
+    p.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up epochs (default: the recipe's)")
+    p.add_argument("--momentum", type=float, default=None,
+                   help="SGD momentum (default: the recipe's, 0: optimizer state would count against the budget)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--train-bias", action="store_true", help="also train biases and BatchNorm shifts")
     p.add_argument("--mask-bits", type=int, choices=(1, 8), default=d.mask_bits, help="bits per ReLU mask element")
@@ -92,6 +103,9 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         k, v = item.split("=", 1)
         options[k] = _option_value(v)
     fields = {f: getattr(args, f) for f in FinetuneConfig.__dataclass_fields__ if hasattr(args, f)}
+    for key, value in RECIPES[getattr(args, "recipe", "default")].items():
+        if fields.get(key) is None:  # not given on the command line: the recipe's
+            fields[key] = value
     fields["strategy_options"] = options
     if fields.get("weights"):
         fields["pretrained"] = False  # --weights replaces the packaged pretrained weights

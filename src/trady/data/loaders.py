@@ -31,6 +31,14 @@ _ALIASES = {
     "cifar-10": "cifar10",
     "cifar-100": "cifar100",
 }
+
+
+def dataset_key(name: str) -> str | None:
+    """The dataset that `name` names ("FMNIST" -> "fashion-mnist"), or None when it is not a name (a path)."""
+    key = name.strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    return key if key in DATASETS else None
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 FASHION_MNIST_CLASSES = [
@@ -253,9 +261,8 @@ def load_dataset(
     75/25 and 80/20 (stratified, seeded).
     """
     raw = os.fspath(name_or_path)
-    key = raw.strip().lower().replace("_", "-")
-    key = _ALIASES.get(key, key)
-    if key in DATASETS:
+    key = dataset_key(raw)
+    if key is not None:
         if key == "fashion-mnist":
             train, test = _load_fashion_mnist(data_dir)
             classes = list(FASHION_MNIST_CLASSES)

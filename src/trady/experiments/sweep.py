@@ -70,7 +70,10 @@ def _accepts_resume(runner: Runner) -> bool:
 
 def _settings_diff(stored: dict, wanted: dict) -> str | None:
     """Differences in what a run computes between a stored config.json and the wanted config."""
+    from trady.train.run_paths import absolute_settings  # on use: importing the sweep stays torch-free
+
     diffs = []
+    stored, wanted = absolute_settings(stored), absolute_settings(wanted)  # paths as run folders store them
     for key, value in wanted.items():
         if key in NON_RESULT_SETTINGS or value is None or key not in stored:
             continue  # None: "the default", which the trainer may have filled in

@@ -31,6 +31,7 @@ from trady.core.errors import TradyError
 from trady.core.files import WriteFailed, load_torch, torch_bytes, write_bytes, write_json
 from trady.core.formatting import one_line
 from trady.models.weights import load_into
+from trady.train.run_paths import absolute_settings
 from trady.train.setup import Run
 
 CHECKPOINT_FORMAT = "trady-checkpoint-2"
@@ -192,7 +193,8 @@ def check_compatible(run: Run, state: dict[str, Any], path: Path) -> int:
     config = run.config
     theirs = state.get("config")
     if isinstance(theirs, dict):
-        ours = config.to_dict()
+        # both through the same paths rule: a run folder from before paths were stored absolute matches
+        theirs, ours = absolute_settings(theirs), absolute_settings(config.to_dict())
         diff = [k for k in ours if k not in NON_RESULT_SETTINGS and k in theirs and theirs[k] != ours[k]]
         if diff:
             k = diff[0]

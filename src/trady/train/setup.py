@@ -32,6 +32,7 @@ from trady.models import entry
 from trady.selection import ranking, strategies
 from trady.selection.tuner import FULL_GRAD_BATCHES, Tuner
 from trady.train import preflight
+from trady.train.run_paths import absolute_paths
 
 # det-rgn's full-gradient pass (Tuner._full_gradient_norms) is outside the measured training step
 FULL_GRADIENT_NOTE = (
@@ -103,6 +104,8 @@ def setup(
         config = dataclasses.replace(config, model=type(model).__name__)
     if train_data is not None and config.data == defaults.data:
         config = dataclasses.replace(config, data=type(train_data).__name__)
+    # config.json holds absolute paths: the run resumes from any working folder
+    config = absolute_paths(config, data=train_data is None, model=model is None)
     strategy = strategies.get(config.strategy, **config.strategy_options)
     device = distributed.resolve_device(config.device)
     rank, world = distributed.rank_world()
