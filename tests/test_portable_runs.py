@@ -18,6 +18,7 @@ from trady.config import FinetuneConfig
 from trady.core.files import read_jsonl, write_jsonl
 from trady.experiments.sweep import _settings_diff
 from trady.train import loop as train
+from trady.train.checkpoint import CHECKSUMS
 from trady.train.run_paths import absolute_settings
 
 USER_MODEL = Path(__file__).parent / "user_model.py"
@@ -60,16 +61,17 @@ def test_resume_from_another_working_folder_matches_uninterrupted_run(tmp_path, 
     monkeypatch.chdir(work)
     args = [*CASES[case], "--data", "digits_png", "--resolution", "32", "--batch-size", "16", "--epochs", "2",
             "--lr", "0.02", "--threads", "1", "--no-progress", "--seed", "3"]  # fmt: skip
-    real_save = train.save_torch
+    real_save = train.save_checkpoint
 
-    def save_and_keep_epoch1(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1:
-            real_save(Path(path).parent / "epoch1.pt", state)
+    def save_and_keep_epoch1(folder, state):
+        real_save(folder, state)
+        if state["epoch"] == 1:  # a checkpoint with its checksum, as a kill during epoch 2 leaves it
+            (Path(folder) / "epoch1").mkdir()
+            real_save(Path(folder) / "epoch1", state)
 
-    monkeypatch.setattr(train, "save_torch", save_and_keep_epoch1)
+    monkeypatch.setattr(train, "save_checkpoint", save_and_keep_epoch1)
     assert cli(["finetune", *args, "--out", "runs/ref"]) == 0  # a relative run folder too
-    monkeypatch.setattr(train, "save_torch", real_save)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
     ref = work / "runs" / "ref"
     stored = json.loads((ref / "config.json").read_text())
     assert stored["data"] == str(work / "digits_png")
@@ -82,7 +84,8 @@ def test_resume_from_another_working_folder_matches_uninterrupted_run(tmp_path, 
     cut = tmp_path / "cut"  # what a kill during epoch 2 leaves
     cut.mkdir()
     shutil.copy(ref / "config.json", cut / "config.json")
-    shutil.copy(ref / "epoch1.pt", cut / train.CHECKPOINT)
+    for name in (train.CHECKPOINT, CHECKSUMS):
+        shutil.copy(ref / "epoch1" / name, cut / name)
     write_jsonl(cut / "metrics.jsonl", read_jsonl(ref / "metrics.jsonl")[:1])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

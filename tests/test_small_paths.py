@@ -39,7 +39,8 @@ def test_stem_explosion_warns_once_only_when_the_stem_trains(tmp_path: Path, cap
     assert len(notes) == 1 and "first_conv.conv" in notes[0]
     assert capsys.readouterr().err.count("while the stem") == 1
     # the head alone at a far larger lr: the loss explodes too, but the stem does not train
-    run = train.setup(tiny_config(profile, "classifier", budget=None, lr=5.0, epochs=1, measure_memory=False))
+    run = train.setup(tiny_config(profile, "classifier", budget=None, lr=5.0, classifier_lr=5.0, epochs=1,
+                                  measure_memory=False))
     with pytest.raises(train.NonFiniteLoss, match="exploding training loss"):  # over 100x: diverged
         train.train_epoch(run, 1, train.make_optimizer(run), measure=False)
     assert not run.stem_warned and not any("while the stem" in n for n in run.notes)
