@@ -93,7 +93,8 @@ def predict_step_peak(
     module = module.eval()
     gen = torch.Generator().manual_seed(seed)
     b = min(micro_batch_size or batch_size, batch_size)
-    if isinstance(model, str) and model in models.available() and models.spec(model).inputs == "tokens":  # token ids; `resolution` is the length
+    tokens = isinstance(model, str) and model in models.available() and models.spec(model).inputs == "tokens"
+    if tokens:  # token ids; `resolution` is the length
         x = models.example_input(model, resolution, batch=b)
     else:
         x = torch.randn(b, 3, resolution, resolution, generator=gen)
