@@ -18,6 +18,7 @@ slices, classifier, biases) are averaged over the ranks each step, and only rank
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from trady.core.errors import TradyError
 from trady.core.files import save_torch, write_json, write_jsonl
 from trady.core.formatting import one_line
 from trady.core.schedule import lr_at
+from trady.engine.batchnorm import batchnorm_training
 from trady.engine.costs import Selection
 from trady.memory.resident_peak import peak_measure
 from trady.train.checkpoint import CHECKPOINT, checkpoint_state, clear_stale, load_checkpoint, restore
@@ -70,7 +72,9 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     loss_sum, correct, seen, lr = 0.0, 0, 0, _set_lr(run, optimizer, epoch, 0, steps)
     bar = _progress(loader, config, f"epoch {epoch}/{config.epochs}", run.rank)
-    with StepMeter(run, steps, enabled=measure) as meter:
+    # batchnorm="train": batch statistics in the training steps (running statistics updated), dropout stays off
+    train_bn = batchnorm_training(run.model) if config.batchnorm == "train" else contextlib.nullcontext()
+    with train_bn, StepMeter(run, steps, enabled=measure) as meter:
         for i, (x, y) in enumerate(bar):
             x, y = x.to(run.device), y.to(run.device)
             lr = _set_lr(run, optimizer, epoch, i, steps)
@@ -237,6 +241,7 @@ def _finetune(run: Run, resume: bool) -> dict[str, Any]:
                 **_selection_stats(run, run.tuner.epoch_selections or [selection]),
                 "measured_saved_bytes": stats.get("measured_saved_bytes"),
                 "measured_budgeted_bytes": stats.get("measured_budgeted_bytes"),
+                "batchnorm_kept_bytes": stats.get("batchnorm_kept_bytes"),  # part of measured_saved_bytes
                 "peak_memory_bytes": stats.get("peak_memory_bytes"),  # of this machine and process, like the time
                 "epoch_time_s": time.perf_counter() - t_epoch,
             }
@@ -325,6 +330,8 @@ def _summary(run: Run, rows: list[dict], wall: float, status: str = "ok", error:
         "selected_units": _mean(rows, "selected_units"),
         "measured_budgeted_bytes": _max(rows, "measured_budgeted_bytes"),
         "measured_saved_bytes": _max(rows, "measured_saved_bytes"),
+        "batchnorm": c.batchnorm,
+        "batchnorm_kept_bytes": _max(rows, "batchnorm_kept_bytes"),  # outside the budget, inside measured_saved_bytes
         "peak_memory_bytes": _max(rows, "peak_memory_bytes"),  # measured step peak, highest epoch row
         "peak_memory_measure": peak_measure(run.device.type, c.control_allocator),
         "micro_batch_size": c.micro_batch_size,
