@@ -117,7 +117,8 @@ def test_bad_batchnorm_values_get_one_line() -> None:
 
 def _data(n: int, seed: int) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.TensorDataset(torch.randn(n, 3, 10, 12, generator=g), torch.randint(0, 5, (n,), generator=g))
+    x = torch.randn(n, 3, 10, 12, generator=g)
+    return torch.utils.data.TensorDataset(x, torch.randint(0, 5, (n,), generator=g))
 
 
 @pytest.mark.parametrize("strategy", ["full", "d-full-random"])
