@@ -89,9 +89,12 @@ def _expected_slice_grad(module: nn.Module, dense_grad: torch.Tensor, idx: torch
     return torch.stack(blocks, dim=0)
 
 
-def _dense_reference(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Stock autograd, every parameter trainable, BatchNorm on its running statistics (frozen BN)."""
-    model.eval()
+def _dense_reference(
+    model: nn.Module, x: torch.Tensor, batchnorm: str = "frozen"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stock autograd, every parameter trainable; BatchNorm on its running statistics (frozen BN, eval mode)
+    or, with batchnorm="train", the stock model in train mode (batch statistics, running statistics updated)."""
+    model.train(batchnorm == "train")
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
@@ -141,11 +144,15 @@ def _check_round(model, engine, dense_model, x, selection, stock_model) -> None:
     canonical = engine.select(selection)
     assert set(canonical) == {k for k, v in selection.items() if len(v)}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dense_out, dense_grads = _dense_reference(dense_model, x)
+    train_bn = engine.config.batchnorm == "train"
+    dense_out, dense_grads = _dense_reference(dense_model, x, engine.config.batchnorm)
+    # train-mode BatchNorm: one training forward updates the running statistics, the dense model's as well
+    running = {k for k in before if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+    dense_after = dense_model.state_dict()
 
     for p in engine.parameters():
         p.grad = None
-    model.train()  # the engine freezes BatchNorm in train mode too
+    model.train()  # the frozen engine freezes BatchNorm in train mode too; "train" uses batch statistics
     calls, out = _leaf_order(model, x)
     # (a) forward outputs
     _close(out.detach(), dense_out, "forward output")
@@ -191,6 +198,8 @@ def _check_round(model, engine, dense_model, x, selection, stock_model) -> None:
             mask = updated[key]
             _close(value[mask], old[mask] - LR * dense_grads[key][mask], f"updated slice of {key}")
             assert torch.equal(value[~mask], old[~mask]), f"unselected entries of {key} changed"
+        elif train_bn and key in running:
+            _close(value.double(), dense_after[key].double(), f"running statistic {key} (train-mode BatchNorm)")
         else:
             assert torch.equal(value, old), f"{key} changed although not selected"
 
@@ -409,6 +418,16 @@ class Case:
     input_shape: tuple[int, ...] = (BATCH, 4, 11, 14)  # non-square: catches H/W mix-ups
     config: EngineConfig | None = None
 
+    @property
+    def id(self) -> str:
+        train_bn = self.config is not None and self.config.batchnorm == "train"
+        return self.build.__name__ + ("-bn_train" if train_bn else "")
+
+
+# The paper's predecessor's regime: BatchNorm unfolded, in train mode (batch statistics), against the stock
+# model in train mode (trady.engine.batchnorm).
+BN_TRAIN = EngineConfig(batchnorm="train")
+
 
 CASES = [
     Case(conv3x3),
@@ -436,6 +455,13 @@ CASES = [
     Case(hardswish_functional_se, config=EXACT),
     Case(convnext_blocks, (BATCH, 4, 12, 14), config=EXACT),
     Case(TinyTransformer, (BATCH, 7, 10), config=EXACT),
+    Case(conv3x3, config=BN_TRAIN),
+    Case(conv_depthwise_mult2, config=BN_TRAIN),
+    Case(conv_bn_relu6_chain, config=BN_TRAIN),
+    Case(residual_block, config=BN_TRAIN),
+    Case(maxpool_head, (BATCH, 4, 12, 16), config=BN_TRAIN),
+    Case(inplace_relu6_after_bn, config=BN_TRAIN),
+    Case(silu_se_blocks, config=EngineConfig(activation_bits=None, kept_precision="fp32", batchnorm="train")),
 ]
 
 

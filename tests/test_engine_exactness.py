@@ -35,7 +35,7 @@ from trady.core.errors import TradyError
 from trady.engine import EngineConfig, SparseEngine
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.build.__name__ for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_engine_matches_dense_autograd(case: Case) -> None:
     model, x = _build(case)
     stock = copy.deepcopy(model)  # the unmodified model: reference classes, keys, dense autograd

@@ -33,6 +33,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 _DEFAULT = RECIPES["default"]
 
+# EngineConfig.batchnorm / FinetuneConfig.batchnorm (trady.engine.batchnorm says what each means)
+BATCHNORM_MODES = ("frozen", "train")
+
 
 def check_micro_batch(micro_batch_size: int | None) -> None:
     if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or micro_batch_size < 1):
@@ -67,6 +70,9 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     train_bias: bool = False
     mask_bits: int = 1  # ReLU masks kept for backward: 1 (bit-packed) or 8 (bool)
+    # "frozen": BatchNorm on running statistics (the default); "train": batch statistics while training,
+    # running statistics updated, what BatchNorm keeps for backward outside the budget (trady.engine.batchnorm)
+    batchnorm: str = "frozen"
     strategy_options: dict[str, Any] = field(default_factory=dict)
     resample_every: int | None = None  # redraw the selection every N steps; None: once per epoch (the paper)
     # bookkeeping
@@ -113,6 +119,8 @@ class FinetuneConfig:
         check_micro_batch(self.micro_batch_size)
         if self.mask_bits not in (1, 8):
             raise TradyError(f"mask_bits must be 1 or 8, got {self.mask_bits}")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise TradyError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}")
         for name in ("train_size", "test_size", "resolution", "sequence_length", "resample_every"):
             v = getattr(self, name)
             if v is not None and v < 1:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trady.config import NON_RESULT_SETTINGS, RECIPES, FinetuneConfig
+from trady.config import BATCHNORM_MODES, NON_RESULT_SETTINGS, RECIPES, FinetuneConfig
 from trady.core.errors import TradyError
 from trady.core.formatting import mib, pct
 
@@ -70,6 +70,9 @@ def add_config_arguments(p) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--train-bias", action="store_true", help="also train biases and BatchNorm shifts")
     p.add_argument("--mask-bits", type=int, choices=(1, 8), default=d.mask_bits, help="bits per ReLU mask element")
+    p.add_argument("--batchnorm", choices=BATCHNORM_MODES, default=d.batchnorm,
+                   help="frozen (default): running statistics, folded; train: batch statistics while training, "
+                   "running statistics updated, its input kept for backward outside the budget")  # fmt: skip
     p.add_argument("--resample-every", type=int, metavar="N",
                    help="redraw the selection every N steps (default: once per epoch, as the paper)")
     p.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
@@ -252,6 +255,8 @@ def format_summary(s: dict, out: str | None) -> str:
         f"  weight-grad FLOPs cut  {pct(s['flops_reduction'])}",
         f"  kept for backward      {mib(s['measured_saved_bytes'])}"
         f" (budgeted part {mib(s['measured_budgeted_bytes'])}); measured step peak {mib(s.get('peak_memory_bytes'))}",
+        f"  BatchNorm              {s.get('batchnorm', 'frozen')}, kept for backward "
+        f"{mib(s.get('batchnorm_kept_bytes'))} (outside the budget)",
         f"  wall time              {s['wall_time_s']:.1f} s",
     ]
     for note in s.get("notes") or []:

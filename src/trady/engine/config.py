@@ -15,6 +15,10 @@ class EngineConfig:
     # forward): the conv scales its weight per output channel, the BatchNorm becomes the identity, so
     # neither forward nor backward makes a separate pass over the activation. Gradients are unchanged.
     fold_bn: bool = True
+    # "frozen": BatchNorm2d on its running statistics, never updated (folded as above): trady's regime.
+    # "train": BatchNorm2d stays unfolded and stock (train mode: batch statistics, running statistics
+    # updated); its backward keeps its input and batch statistics, outside the budget (engine/batchnorm.py).
+    batchnorm: str = "frozen"
     activation_bits: int | None = 4  # smooth activations' derivative code: 1..4 bits; None: exact (activations.py)
     kept_precision: str = "int8"  # SE, LayerNorm, attention inputs: "int8" or "fp32", exact (lowbit.py)
     recompute: tuple[str, ...] = ()  # modules run under activation checkpointing: keep their inputs only

@@ -173,6 +173,12 @@ class FoldedBatchNorm2d(FrozenBatchNorm2d):
         return x
 
 
+class TrainBatchNorm2d(_Prepared, nn.BatchNorm2d):
+    """EngineConfig(batchnorm="train"): the stock BatchNorm2d (train mode: batch statistics, running
+    statistics updated; eval mode: running statistics). Stock autograd keeps its input and the batch mean
+    and inverse std for backward wherever it is on the backprop path (trady.engine.batchnorm)."""
+
+
 class MaskedClamp(_Prepared, nn.Module):
     """Shared forward for the ReLU family: a clamp whose backward keeps a packed mask.
 

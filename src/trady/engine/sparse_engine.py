@@ -30,6 +30,7 @@ from trady.engine import functions as ops
 from trady.engine import layer_kinds as modern
 from trady.engine import modules as sm
 from trady.engine import slices
+from trady.engine.batchnorm import batchnorm_training, batchnorms, check_mode
 from trady.engine.config import EngineConfig
 from trady.engine.costs import PRECISION_OF_DTYPE, CostTable, Selection, analyze
 from trady.engine.modules import LayerState
@@ -54,7 +55,7 @@ def _computes_itself(module: nn.Module) -> bool:
 
 
 SUPPORTED_KINDS = (
-    "Conv2d (any groups/stride/dilation/padding), Linear, BatchNorm2d (frozen), ReLU, ReLU6, Hardtanh, "
+    "Conv2d (any groups/stride/dilation/padding), Linear, BatchNorm2d (frozen or train), ReLU, ReLU6, Hardtanh, "
     "AdaptiveAvgPool2d(1), AvgPool2d, MaxPool2d, Identity, Dropout, Flatten, ZeroPad2d, ConstantPad2d, Unflatten, "
     + modern.SUPPORTED_KINDS
 )
@@ -76,7 +77,7 @@ SWAPS: dict[type, type] = {
 
 
 def _engine_classes() -> frozenset:
-    return frozenset(SWAPS.values()) | {sm.GlobalAvgPool2d, sm.FoldedBatchNorm2d}
+    return frozenset(SWAPS.values()) | {sm.GlobalAvgPool2d, sm.FoldedBatchNorm2d, sm.TrainBatchNorm2d}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +101,7 @@ class SparseEngine:
             )
         if self.config.mask_bits not in (1, 8):
             raise TradyError(f"mask_bits must be 1 or 8, got {self.config.mask_bits}")
+        check_mode(self.config.batchnorm)
         self.costs: CostTable = analyze(model, example_input=example_input, classifier=self.config.classifier)
         self.classifier_name = self.costs.classifier
         self.classifier = model.get_submodule(self.classifier_name)
@@ -119,7 +121,7 @@ class SparseEngine:
         self.restored = False
         try:
             self._prepare()
-            if self.config.fold_bn:
+            if self.config.fold_bn and self.config.batchnorm == "frozen":
                 self._fold_batchnorms(example_input)
         except BaseException:
             self.restore()  # never leave a half-prepared model behind
@@ -241,6 +243,8 @@ class SparseEngine:
             return None  # never called in the forward pass: nothing to update
         if base is nn.Conv2d and module.padding_mode != "zeros":
             raise TradyError(f"layer {name!r} uses padding_mode={module.padding_mode!r}; accepted: 'zeros'")
+        if base is nn.BatchNorm2d and self.config.batchnorm == "train":
+            return sm.TrainBatchNorm2d  # stock: batch statistics in train mode (trady.engine.batchnorm)
         if base is nn.BatchNorm2d and module.running_var is None:
             raise TradyError(
                 f"BatchNorm {name!r} has no running statistics (track_running_stats=False); "
@@ -294,7 +298,8 @@ class SparseEngine:
         if not self.config.strict:
             return
         devices = [self._example.device] if self._example.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        # BatchNorms in eval mode: the same path, no running statistics updated from this one sample
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), batchnorm_training(self.model, False):
             self.model(self._example)
 
     def restore(self) -> nn.Module:
@@ -436,7 +441,8 @@ class SparseEngine:
     def measure_saved(self, step: Callable[[], torch.Tensor]) -> tuple[SavedTensors, int]:
         """Run `step()` (forward + loss) counting every byte kept for backward.
 
-        Returns the count and the bytes of its budgeted part (the kept input slices of selected channels).
+        Returns the count (`attributed`: what the BatchNorm layers keep) and the bytes of its budgeted part
+        (the kept input slices of selected channels).
         """
         budget_keys: set[tuple] = set()
 
@@ -449,7 +455,7 @@ class SparseEngine:
             # The slices and their channel indices are engine state that lives on anyway: no extra memory.
             persistent = self.slice_parameters()
             persistent += [m.trady.idx for m in self.layers.values() if m.trady.idx is not None]
-            saved = measure_saved_bytes(self.model, step, exclude=persistent)
+            saved = measure_saved_bytes(self.model, step, exclude=persistent, attribute_to=batchnorms(self.model))
         finally:
             for module in self.layers.values():
                 module.trady.on_saved = None
@@ -486,4 +492,5 @@ class SparseEngine:
                 self.selection, batch_size=int(x.shape[0]), precision=self._precision()
             ),
             saved_by_kind=saved.by_dtype,
+            batchnorm_kept_bytes=saved.attributed,
         )

@@ -30,6 +30,9 @@ class MemoryReport:
     optimizer_state_bytes: int
     analytic_budgeted_bytes: int
     saved_by_kind: dict[str, int] = field(default_factory=dict)
+    # The part of saved_bytes the BatchNorm layers keep (train mode: input and batch statistics), outside the
+    # budget as the paper leaves it; frozen BatchNorm keeps at most its per-channel scale.
+    batchnorm_kept_bytes: int = 0
 
     @property
     def budgeted_bytes(self) -> int:
@@ -56,6 +59,7 @@ class MemoryReport:
             "total_bytes": self.total_bytes,
             "analytic_budgeted_bytes": self.analytic_budgeted_bytes,
             "saved_by_kind": dict(self.saved_by_kind),
+            "batchnorm_kept_bytes": self.batchnorm_kept_bytes,
         }
 
 
@@ -70,6 +74,7 @@ class SavedTensors:
     loss: torch.Tensor  # its graph is still alive: call backward on it
     per_storage: dict[tuple, int]  # storage key -> bytes
     by_dtype: dict[str, int]
+    attributed: int = 0  # bytes of the storages first kept during a forward of an `attribute_to` module
 
     @property
     def total(self) -> int:
@@ -77,15 +82,19 @@ class SavedTensors:
 
 
 def measure_saved_bytes(
-    model: nn.Module, step: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor] = ()
+    model: nn.Module, step: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor] = (),
+    attribute_to: Sequence[nn.Module] = (),
 ) -> SavedTensors:
     """Run `step()` (forward + loss) under saved-tensor hooks and count the bytes kept for backward.
 
-    Each storage counts once; parameters, buffers and `exclude` are left out.
+    Each storage counts once; parameters, buffers and `exclude` are left out. The storages first kept
+    while one of `attribute_to` runs its forward are also summed apart (`SavedTensors.attributed`).
     """
     skip = {storage_key(t) for t in list(model.parameters()) + list(model.buffers()) + list(exclude)}
     seen: dict[tuple, int] = {}
     by_kind: dict[str, int] = {}
+    inside = [0]  # depth of `attribute_to` forwards running now
+    attributed = [0]
 
     def pack(t: torch.Tensor):
         key = storage_key(t)
@@ -94,11 +103,25 @@ def measure_saved_bytes(
             seen[key] = nbytes
             kind = str(t.dtype).replace("torch.", "")
             by_kind[kind] = by_kind.get(kind, 0) + nbytes
+            if inside[0]:
+                attributed[0] += nbytes
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step()
-    return SavedTensors(loss=loss, per_storage=seen, by_dtype=by_kind)
+    def enter(*_):
+        inside[0] += 1
+
+    def leave(*_):
+        inside[0] -= 1
+
+    handles = [m.register_forward_pre_hook(enter) for m in attribute_to]
+    handles += [m.register_forward_hook(leave, always_call=True) for m in attribute_to]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = step()
+    finally:
+        for h in handles:
+            h.remove()
+    return SavedTensors(loss=loss, per_storage=seen, by_dtype=by_kind, attributed=attributed[0])
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

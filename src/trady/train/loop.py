@@ -18,6 +18,7 @@ slices, classifier, biases) are averaged over the ranks each step, and only rank
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -34,6 +35,7 @@ from trady.core.errors import TradyError
 from trady.core.files import WriteFailed, write_json, write_jsonl
 from trady.core.formatting import one_line
 from trady.core.schedule import lr_at
+from trady.engine.batchnorm import batchnorm_training
 from trady.engine.costs import Selection
 from trady.memory.resident_peak import allocator_in_use, peak_measure, process_peak_bytes
 from trady.train.checkpoint import CHECKPOINT, checkpoint_state, clear_stale, load_checkpoint, restore, save_checkpoint
@@ -99,7 +101,9 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
     loss_sum, correct, seen, lr_sum = 0.0, 0, 0, 0.0
     bar = _progress(loader, config, f"epoch {epoch}/{config.epochs}", run.rank)
     started = time.perf_counter()
-    with StepMeter(run, steps, enabled=measure) as meter:
+    # batchnorm="train": batch statistics in the training steps (running statistics updated), dropout stays off
+    train_bn = batchnorm_training(run.model) if config.batchnorm == "train" else contextlib.nullcontext()
+    with train_bn, StepMeter(run, steps, enabled=measure) as meter:
         for i, (x, y) in enumerate(bar):
             x, y = x.to(run.device), y.to(run.device)
             lr_sum += _set_lr(run, optimizer, epoch, i, steps)
@@ -307,6 +311,7 @@ def _run_epochs(run: Run, resume: bool, out: Path | None) -> dict[str, Any]:
                 **_selection_stats(run, run.tuner.epoch_selections or [selection]),
                 "measured_saved_bytes": stats.get("measured_saved_bytes"),
                 "measured_budgeted_bytes": stats.get("measured_budgeted_bytes"),
+                "batchnorm_kept_bytes": stats.get("batchnorm_kept_bytes"),  # part of measured_saved_bytes
                 "peak_memory_bytes": stats.get("peak_memory_bytes"),  # of this machine and process, like the time
                 "trainable_parameters": stats.get("trainable_parameters"),
                 "step_time_s": stats.get("step_time_s"),
@@ -413,6 +418,8 @@ def _summary(run: Run, rows: list[dict], wall: float, status: str = "ok", error:
         "selected_units": _mean(rows, "selected_units"),
         "measured_budgeted_bytes": _max(rows, "measured_budgeted_bytes"),
         "measured_saved_bytes": _max(rows, "measured_saved_bytes"),
+        "batchnorm": c.batchnorm,
+        "batchnorm_kept_bytes": _max(rows, "batchnorm_kept_bytes"),  # outside the budget, inside measured_saved_bytes
         "peak_memory_bytes": _max(rows, "peak_memory_bytes"),  # measured step peak, highest epoch row
         "trainable_parameters": _max(rows, "trainable_parameters"),  # elements the optimizer held (slices: sized)
         "step_time_s": _mean(rows, "step_time_s"),  # mean wall time of a training step (data loading included)

@@ -151,7 +151,8 @@ def setup(
     if model is None:
         model = _build_model(config, classes)
     model = model.to(device)
-    model.eval()  # the paper's recipe: BatchNorm frozen (running statistics), no dropout
+    model.eval()  # the paper's recipe: BatchNorm frozen (running statistics), no dropout; batchnorm="train":
+    # the loop puts the BatchNorm layers (only) into train mode for the training steps (trady.engine.batchnorm)
     if resolution is not None and train_data is None:
         # before anything of the run's size is allocated: the largest forward (training or test batches)
         forward_batch = max(config.micro_batch_size or config.batch_size, min(max(config.batch_size, 64), sizes[1]))
@@ -169,7 +170,8 @@ def setup(
     tuner = Tuner(
         model, example, strategy=strategy, budget=config.budget if strategy.mode == "sparse" else None,
         profile=_load_profile(config, zoo), seed=config.seed, resample_every=config.resample_every,
-        config=EngineConfig(classifier=classifier, train_bias=config.train_bias, mask_bits=config.mask_bits),
+        config=EngineConfig(classifier=classifier, train_bias=config.train_bias, mask_bits=config.mask_bits,
+                            batchnorm=config.batchnorm),
         grad_batches=_FixedBatches(train_loader, device), world_size=world,
     )  # fmt: skip
     head = model.get_submodule(tuner.costs.classifier)

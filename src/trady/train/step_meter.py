@@ -13,7 +13,8 @@ Two memories, each of one step of an epoch (docs/memory.md):
             with meter.step(i):
                 logits, loss = accumulate_gradients(meter.forward_loss(i), x, y, micro_batch_size)
                 ...
-    row.update(meter.results())  # measured_saved_bytes, measured_budgeted_bytes, peak_memory_bytes
+    row.update(meter.results())  # measured_saved_bytes, measured_budgeted_bytes, batchnorm_kept_bytes,
+    # peak_memory_bytes
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from trady.engine.batchnorm import batchnorms
 from trady.memory.kept_bytes import measure_saved_bytes
 from trady.memory.resident_peak import PeakMeter
 
@@ -79,8 +81,9 @@ class StepMeter:
             saved, act = run.engine.measure_saved(step)
             budgeted = act + sum(p.numel() * p.element_size() for p in run.engine.slice_parameters())
         else:
-            saved, budgeted = measure_saved_bytes(run.model, step), None
-        self._kept = {"measured_saved_bytes": saved.total, "measured_budgeted_bytes": budgeted}
+            saved, budgeted = measure_saved_bytes(run.model, step, attribute_to=batchnorms(run.model)), None
+        self._kept = {"measured_saved_bytes": saved.total, "measured_budgeted_bytes": budgeted,
+                      "batchnorm_kept_bytes": saved.attributed}  # fmt: skip
         return holder["logits"], saved.loss
 
     def results(self) -> dict[str, Any]:
