@@ -15,8 +15,7 @@ from torch import nn
 from cases import Chain, _loss
 from trady.config import FinetuneConfig
 from trady.core.errors import TradyError
-from trady.engine import EngineConfig, SparseEngine
-from trady.engine import modules as sm
+from trady.engine import EngineConfig, SparseEngine, modules
 from trady.engine.batchnorm import batchnorm_training, batchnorms
 from trady.train import loop as train
 
@@ -64,7 +63,7 @@ def test_train_mode_batchnorm_kept_bytes_are_its_inputs_and_statistics(selection
     frozen.select(selection)
     frozen_model.train()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", sm.FrozenBatchNormWarning)
+        warnings.simplefilter("ignore", modules.FrozenBatchNormWarning)
         frozen_report = frozen.measure_step(x, None, loss_fn=lambda o, _y: _loss(o))
     assert frozen_report.batchnorm_kept_bytes == 0
     assert frozen_report.budgeted_bytes == report.budgeted_bytes
@@ -76,7 +75,7 @@ def test_train_mode_batchnorm_is_stock_unfolded_and_restored() -> None:
     model, x = _chain()
     stock = copy.deepcopy(model)
     engine = SparseEngine(model, x, TRAIN)
-    assert all(type(m) is sm.TrainBatchNorm2d for m in batchnorms(model))
+    assert all(type(m) is modules.TrainBatchNorm2d for m in batchnorms(model))
     assert all(m.trady.fold is None for m in engine.layers.values())  # nothing folded
     running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     engine.select({"b1.0": [0, 3], "b3.0": [2]})  # the path check runs a forward: statistics untouched

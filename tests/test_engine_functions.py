@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from helpers import fp32_sum_tolerance
-from trady.engine import functions as ops
+from trady.engine import functions
 
 # ---------------------------------------------------------------------------------------------
 # Bit packing
@@ -26,19 +26,19 @@ def _reference_pack(mask: torch.Tensor) -> np.ndarray:
 def test_pack_unpack_round_trip(n: int) -> None:
     g = torch.Generator().manual_seed(n)
     mask = torch.rand(n, generator=g) > 0.5
-    packed = ops.pack_bits(mask)
+    packed = functions.pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 8)
     assert np.array_equal(packed.numpy(), _reference_pack(mask))  # element i -> bit i % 8 of byte i // 8
-    out = ops.unpack_bits(packed, n)
+    out = functions.unpack_bits(packed, n)
     assert out.dtype == torch.bool and torch.equal(out, mask)
 
 
 @pytest.mark.parametrize("fill", [True, False])
 def test_pack_all_ones_and_zeros(fill: bool) -> None:
     mask = torch.full((3, 5, 7), fill)  # 105 elements: the top bit of a byte, the padded last byte
-    packed = ops.pack_bits(mask)
+    packed = functions.pack_bits(mask)
     assert packed.numel() == 14
-    assert torch.equal(ops.unpack_bits(packed, mask.numel()).view(mask.shape), mask)
+    assert torch.equal(functions.unpack_bits(packed, mask.numel()).view(mask.shape), mask)
     if fill:
         assert packed[:-1].eq(255).all() and int(packed[-1]) == 0b1
 
@@ -47,8 +47,8 @@ def test_pack_multi_dim_and_non_contiguous() -> None:
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(4, 3, 9, 5, generator=g) > 0.3
     t = mask.transpose(1, 3)  # non-contiguous input packs in its logical order
-    packed = ops.pack_bits(t)
-    assert torch.equal(ops.unpack_bits(packed, t.numel()).view(t.shape), t)
+    packed = functions.pack_bits(t)
+    assert torch.equal(functions.unpack_bits(packed, t.numel()).view(t.shape), t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +85,9 @@ def _conv_sparse(x, w_base, b, w_slice, idx, conv, on_saved=None):
     """The engine's contract: the full weight holds the slice values, the slice is the trained leaf."""
     stride, padding, dilation, groups, extra = conv
     w = w_base.detach().clone()
-    ops.scatter_slice_(w, idx, w_slice.detach(), groups)
-    return ops.ChannelSparseConv2dFn.apply(x, w, b, w_slice, idx, stride, padding, dilation, groups, on_saved, extra)
+    functions.scatter_slice_(w, idx, w_slice.detach(), groups)
+    fn = functions.ChannelSparseConv2dFn
+    return fn.apply(x, w, b, w_slice, idx, stride, padding, dilation, groups, on_saved, extra)
 
 
 def _conv_stock(x, w, b, conv):
@@ -99,7 +100,7 @@ def _conv_stock(x, w, b, conv):
 @pytest.mark.parametrize("name", list(CONVS))
 def test_conv_gradcheck(name: str) -> None:
     x, w, b, idx, conv = _conv_setup(CONVS[name], torch.float64)
-    w_slice = ops.gather_slice(w, idx, conv[3]).clone()
+    w_slice = functions.gather_slice(w, idx, conv[3]).clone()
     x.requires_grad_(True)
     b.requires_grad_(True)
     w_slice.requires_grad_(True)
@@ -117,7 +118,7 @@ def test_conv_matches_stock_autograd(name: str) -> None:
     out_s.backward(gout)
     # sparse: only the slice and the input
     xe = x.clone().requires_grad_(True)
-    w_slice = ops.gather_slice(w, idx, groups).clone().requires_grad_(True)
+    w_slice = functions.gather_slice(w, idx, groups).clone().requires_grad_(True)
     kept = []
     out_e = _conv_sparse(xe, w, b, w_slice, idx, conv, on_saved=kept.append)
     torch.testing.assert_close(out_e, out_s.detach())
@@ -125,7 +126,7 @@ def test_conv_matches_stock_autograd(name: str) -> None:
     # fp32 sums in another order: the input gradient adds out-channels x kernel taps (<= 8 x 9 terms), the
     # weight gradient batch x output positions (2 x 7 x 6 = 84)
     torch.testing.assert_close(xe.grad, xs.grad, **fp32_sum_tolerance(xs.grad, 8 * 9))
-    expected = ops.gather_slice(ws.grad, idx, groups)
+    expected = functions.gather_slice(ws.grad, idx, groups)
     torch.testing.assert_close(w_slice.grad, expected, **fp32_sum_tolerance(expected, 2 * 7 * 6))
     # the kept activation: the unpadded input at the selected channels
     assert len(kept) == 1 and torch.equal(kept[0], x[:, idx])
@@ -136,7 +137,7 @@ def test_conv_frozen_keeps_only_weight_and_no_slice_gradient() -> None:
     x.requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = ops.ChannelSparseConv2dFn.apply(x, w, b, None, None, *conv[:4], None, None)
+        out = functions.ChannelSparseConv2dFn.apply(x, w, b, None, None, *conv[:4], None, None)
     assert len(saved) == 1 and saved[0].untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
     out.sum().backward()
     xs = x.detach().clone().requires_grad_(True)
@@ -148,21 +149,21 @@ def test_gather_scatter_and_channel_norms() -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 2, 3, 3, generator=g)  # groups=4: channel c in group c // 2
     idx = torch.tensor([1, 4, 7])
-    sl = ops.gather_slice(w, idx, 4)
+    sl = functions.gather_slice(w, idx, 4)
     assert sl.shape == (3, 2, 3, 3)
     assert torch.equal(sl[0], w[0:2, 1]) and torch.equal(sl[1], w[4:6, 0]) and torch.equal(sl[2], w[6:8, 1])
     w2 = w.clone()
-    ops.scatter_slice_(w2, idx, torch.zeros_like(sl), 4)
+    functions.scatter_slice_(w2, idx, torch.zeros_like(sl), 4)
     assert w2[0:2, 1].eq(0).all() and w2[6:8, 1].eq(0).all() and torch.equal(w2[2:4], w[2:4])
-    norms = ops.slice_channel_norms(sl, 4)
+    norms = functions.slice_channel_norms(sl, 4)
     torch.testing.assert_close(norms, torch.stack([w[0:2, 1].norm(), w[4:6, 0].norm(), w[6:8, 1].norm()]))
     w1 = torch.randn(5, 4, 3, 3, generator=g)
-    sl1 = ops.gather_slice(w1, torch.tensor([1, 3]), 1)
+    sl1 = functions.gather_slice(w1, torch.tensor([1, 3]), 1)
     assert torch.equal(sl1, w1[:, [1, 3]])
-    torch.testing.assert_close(ops.slice_channel_norms(sl1, 1), torch.stack([w1[:, 1].norm(), w1[:, 3].norm()]))
+    torch.testing.assert_close(functions.slice_channel_norms(sl1, 1), torch.stack([w1[:, 1].norm(), w1[:, 3].norm()]))
     lin = torch.randn(3, 6, generator=g)
     torch.testing.assert_close(
-        ops.slice_channel_norms(ops.gather_slice(lin, idx[:2], 1), 1), lin[:, [1, 4]].norm(dim=0)
+        functions.slice_channel_norms(functions.gather_slice(lin, idx[:2], 1), 1), lin[:, [1, 4]].norm(dim=0)
     )
 
 
@@ -174,7 +175,7 @@ def test_gather_scatter_and_channel_norms() -> None:
 def _linear_sparse(x, w_base, b, w_slice, idx, on_saved=None):
     w = w_base.detach().clone()
     w[:, idx] = w_slice.detach()
-    return ops.ChannelSparseLinearFn.apply(x, w, b, w_slice, idx, on_saved)
+    return functions.ChannelSparseLinearFn.apply(x, w, b, w_slice, idx, on_saved)
 
 
 @pytest.mark.parametrize("shape", [(3, 6), (2, 4, 6), (2, 3, 2, 6)])
@@ -213,10 +214,10 @@ def test_frozen_affine_gradcheck_and_saved() -> None:
     x = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     scale = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
     shift = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda x, sh: ops.FrozenAffineFn.apply(x, scale, sh), (x, shift), eps=1e-6, atol=1e-5)
+    assert gradcheck(lambda x, sh: functions.FrozenAffineFn.apply(x, scale, sh), (x, shift), eps=1e-6, atol=1e-5)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = ops.FrozenAffineFn.apply(x, scale, shift)
+        y = functions.FrozenAffineFn.apply(x, scale, shift)
     torch.testing.assert_close(y, x * scale.view(1, 3, 1, 1) + shift.view(1, 3, 1, 1))
     assert len(saved) == 1 and saved[0].shape == (3,)  # only the per-channel scale
 
@@ -240,7 +241,7 @@ def test_clamp_mask(kind: str, bits: int) -> None:
         if edge is not None:
             x = torch.where((x - edge).abs() < 0.05, x + 0.1, x)
     x.requires_grad_(True)
-    assert gradcheck(lambda t: ops.ClampMaskFn.apply(t, lo, hi, bits), (x,), eps=1e-6, atol=1e-5)
+    assert gradcheck(lambda t: functions.ClampMaskFn.apply(t, lo, hi, bits), (x,), eps=1e-6, atol=1e-5)
 
     # direct comparison, exact boundary values included (stock: no gradient at the boundary)
     xf = torch.cat([x.detach().float().flatten(), torch.tensor([lo, hi if hi is not None else 7.0, 0.0])])
@@ -250,7 +251,7 @@ def test_clamp_mask(kind: str, bits: int) -> None:
     out_s.backward(gout)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out_e = ops.ClampMaskFn.apply(xe, lo, hi, bits)
+        out_e = functions.ClampMaskFn.apply(xe, lo, hi, bits)
     out_e.backward(gout)
     assert torch.equal(out_e, out_s)
     assert torch.equal(xe.grad, xs.grad)
@@ -281,7 +282,7 @@ def test_max_pool_argmax(name: str) -> None:
     k, s, p, d, ceil = POOLS[name]
     g = torch.Generator().manual_seed(0)
     xd = torch.randn(2, 2, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda t: ops.MaxPool2dArgmaxFn.apply(t, k, s, p, d, ceil), (xd,), eps=1e-6, atol=1e-5)
+    assert gradcheck(lambda t: functions.MaxPool2dArgmaxFn.apply(t, k, s, p, d, ceil), (xd,), eps=1e-6, atol=1e-5)
     x = torch.randn(2, 3, 9, 8, generator=g)
     xs, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out_s = F.max_pool2d(xs, k, s, p, d, ceil)
@@ -289,7 +290,7 @@ def test_max_pool_argmax(name: str) -> None:
     out_s.backward(gout)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out_e = ops.MaxPool2dArgmaxFn.apply(xe, k, s, p, d, ceil)
+        out_e = functions.MaxPool2dArgmaxFn.apply(xe, k, s, p, d, ceil)
     assert torch.equal(out_e, out_s)
     out_e.backward(gout)
     torch.testing.assert_close(xe.grad, xs.grad)
@@ -303,7 +304,7 @@ def test_avg_pool_keeps_nothing(name: str, count_include_pad: bool) -> None:
     g = torch.Generator().manual_seed(0)
     xd = torch.randn(2, 2, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
     args = (k, s, p, ceil, count_include_pad, None)
-    assert gradcheck(lambda t: ops.AvgPool2dFn.apply(t, *args), (xd,), eps=1e-6, atol=1e-5)
+    assert gradcheck(lambda t: functions.AvgPool2dFn.apply(t, *args), (xd,), eps=1e-6, atol=1e-5)
     x = torch.randn(2, 3, 9, 8, generator=g)
     xs, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out_s = F.avg_pool2d(xs, *args)
@@ -311,7 +312,7 @@ def test_avg_pool_keeps_nothing(name: str, count_include_pad: bool) -> None:
     out_s.backward(gout)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out_e = ops.AvgPool2dFn.apply(xe, *args)
+        out_e = functions.AvgPool2dFn.apply(xe, *args)
     assert saved == []
     torch.testing.assert_close(out_e, out_s)
     out_e.backward(gout)

@@ -17,8 +17,7 @@ from torch import nn
 
 from helpers import fp32_sum_tolerance
 from trady.core.errors import TradyError
-from trady.engine import EngineConfig, SparseEngine
-from trady.engine import kept_tensors as lowbit
+from trady.engine import EngineConfig, SparseEngine, kept_tensors
 from trady.memory.kept_bytes import measure_saved_bytes
 from trady.models.constructed import SMALL, MBConv, calibrate_batchnorm, layer_weight, stock_freeze
 
@@ -221,7 +220,7 @@ def test_gate_mul_error_and_exactness() -> None:
     gate = torch.sigmoid(torch.randn(4, 16, 1, 1, generator=g))
     ref_out, ref = _grads(torch.mul, x, gate)
     for mode, bound in (("fp32", 1e-6), ("int8", 1e-2)):
-        out, got = _grads(lambda a, b, m=mode: lowbit.gate_mul(a, b, m), x, gate)
+        out, got = _grads(lambda a, b, m=mode: kept_tensors.gate_mul(a, b, m), x, gate)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
         torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)  # x's gradient needs only the gate
         assert _rel(got[1], ref[1]) < bound, (mode, _rel(got[1], ref[1]))
@@ -235,7 +234,7 @@ def test_layer_norm_error_and_exactness(affine: bool) -> None:
     bias = 0.1 * torch.randn(24, generator=g) if affine else None
     ref_out, ref = _grads(lambda t: F.layer_norm(t, (24,), weight, bias), x)
     for mode, bound in (("fp32", 1e-5), ("int8", 2e-2)):
-        out, got = _grads(lambda t, m=mode: lowbit.layer_norm(t, (24,), weight, bias, 1e-5, m), x)
+        out, got = _grads(lambda t, m=mode: kept_tensors.layer_norm(t, (24,), weight, bias, 1e-5, m), x)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
         assert _rel(got[0], ref[0]) < bound, (mode, _rel(got[0], ref[0]))
 
@@ -252,14 +251,14 @@ def test_attention_error_exactness_and_dropout_replay(masked: bool) -> None:
     mask = torch.randn(9, 9, generator=g) if masked else None
     ref_out, ref = _grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, mask), q, k, v)
     for mode, bound in (("fp32", 1e-5), ("int8", 3e-2)):
-        out, got = _grads(lambda a, b, c, m=mode: lowbit.attention(a, b, c, mask, mode=m), q, k, v)
+        out, got = _grads(lambda a, b, c, m=mode: kept_tensors.attention(a, b, c, mask, mode=m), q, k, v)
         torch.testing.assert_close(out, ref_out, **fp32_sum_tolerance(ref_out, ATTENTION_TERMS))
         assert max(_rel(a, b) for a, b in zip(got, ref)) < bound, mode
     # dropout: backward recomputes with the forward's random stream
     torch.manual_seed(7)
     ref_out, ref = _grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, mask, 0.3), q, k, v)
     torch.manual_seed(7)
-    out, got = _grads(lambda a, b, c: lowbit.attention(a, b, c, mask, 0.3, mode="fp32"), q, k, v)
+    out, got = _grads(lambda a, b, c: kept_tensors.attention(a, b, c, mask, 0.3, mode="fp32"), q, k, v)
     torch.testing.assert_close(out, ref_out, **fp32_sum_tolerance(ref_out, ATTENTION_TERMS))
     for a, b in zip(got, ref):  # the backward runs the same reductions the other way: twice the terms
         torch.testing.assert_close(a, b, **fp32_sum_tolerance(b, 2 * ATTENTION_TERMS))

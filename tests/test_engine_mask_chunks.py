@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trady.engine import functions as ops
+from trady.engine import functions
 
 
 @pytest.mark.parametrize("bounds", [(0.0, None), (0.0, 6.0), (-1.0, 1.0)])
@@ -15,7 +15,7 @@ from trady.engine import functions as ops
 @pytest.mark.parametrize("chunked", [True, False])
 def test_chunked_masks_equal_dense_autograd(monkeypatch, bounds, bits, shape, channels_last, chunked):
     if chunked:
-        monkeypatch.setattr(ops, "MASK_CHUNK_MIN", 8)  # 16 chunks of a multiple of 8, a last one partial
+        monkeypatch.setattr(functions, "MASK_CHUNK_MIN", 8)  # 16 chunks of a multiple of 8, a last one partial
     lo, hi = bounds
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g) * 4
@@ -27,7 +27,7 @@ def test_chunked_masks_equal_dense_autograd(monkeypatch, bounds, bits, shape, ch
     grad = torch.randn(shape, generator=g)
     a = x.clone().requires_grad_(True)
     b = x.clone().requires_grad_(True)
-    out = ops.ClampMaskFn.apply(a, lo, hi, bits)
+    out = functions.ClampMaskFn.apply(a, lo, hi, bits)
     ref = torch.nn.functional.hardtanh(b, lo, hi) if hi is not None else torch.relu(b)  # stock ReLU6 = hardtanh
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     out.backward(grad)
@@ -37,18 +37,18 @@ def test_chunked_masks_equal_dense_autograd(monkeypatch, bounds, bits, shape, ch
 
 def test_packed_mask_is_one_bit_per_element():
     y = torch.rand(4, 3, 5, 5)
-    assert ops.clamp_mask(y, 0.0, None, 1).numel() == (y.numel() + 7) // 8
+    assert functions.clamp_mask(y, 0.0, None, 1).numel() == (y.numel() + 7) // 8
 
 
 @pytest.mark.parametrize("bounds", [(0.0, None), (0.0, 6.0)])
 def test_in_place_chunked_masks_equal_dense_autograd(monkeypatch, bounds):
-    monkeypatch.setattr(ops, "MASK_CHUNK_MIN", 8)
+    monkeypatch.setattr(functions, "MASK_CHUNK_MIN", 8)
     lo, hi = bounds
     x = torch.randn(2, 3, 7, 5, generator=torch.Generator().manual_seed(1)) * 4
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     a = x.clone().requires_grad_(True)
     b = x.clone().requires_grad_(True)
-    out = ops.ClampMaskInplaceFn.apply(a * 1.0, lo, hi, 1)  # in place on a non-leaf, as a ReLU after a conv
+    out = functions.ClampMaskInplaceFn.apply(a * 1.0, lo, hi, 1)  # in place on a non-leaf, as a ReLU after a conv
     ref = torch.nn.functional.hardtanh(b * 1.0, lo, hi) if hi is not None else torch.relu(b * 1.0)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     out.backward(grad)

@@ -13,8 +13,7 @@ from torch import nn
 from trady.core.errors import TradyError
 from trady.engine.costs import CostTable, LayerInfo, analyze
 from trady.experiments.report import plot_profile
-from trady.selection import rank_run as profiling
-from trady.selection import ranking
+from trady.selection import rank_run, ranking
 from trady.selection.ranking import LayerRank, RankAccumulator, RankingProfile, channel_norms, top_k_count
 
 
@@ -279,4 +278,4 @@ def test_compute_profile_and_cli(tmp_path):
 def test_compute_profile_rejects_bad_settings():
     for kwargs, match in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"threshold": 1.5}, "threshold")]:
         with pytest.raises(TradyError, match=match):
-            profiling.compute_profile("mcunet-in1", **kwargs)
+            rank_run.compute_profile("mcunet-in1", **kwargs)

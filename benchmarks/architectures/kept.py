@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from trady.core.files import write_json, write_text
-from trady.engine import kept_tensors as lowbit
+from trady.engine import kept_tensors
 from trady.experiments.bench.engine_bench import environment
 
 HERE = Path(__file__).resolve().parent
@@ -46,11 +46,11 @@ def cases(seed):
     w, b = 1 + 0.1 * torch.randn(192, generator=g), 0.1 * torch.randn(192, generator=g)
     q, k, v = (torch.randn(8, 3, 65, 64, generator=g) for _ in range(3))
     return {
-        "squeeze-excitation x * gate": ((x, gate), torch.mul, lambda m: lambda a, c: lowbit.gate_mul(a, c, m)),
+        "squeeze-excitation x * gate": ((x, gate), torch.mul, lambda m: lambda a, c: kept_tensors.gate_mul(a, c, m)),
         "LayerNorm": ((tokens,), lambda t: F.layer_norm(t, (192,), w, b),
-                      lambda m: lambda t: lowbit.layer_norm(t, (192,), w, b, 1e-5, m)),
+                      lambda m: lambda t: kept_tensors.layer_norm(t, (192,), w, b, 1e-5, m)),
         "attention (q, k, v)": ((q, k, v), F.scaled_dot_product_attention,
-                                lambda m: lambda a, c, d: lowbit.attention(a, c, d, mode=m)),
+                                lambda m: lambda a, c, d: kept_tensors.attention(a, c, d, mode=m)),
     }  # fmt: skip
 
 

@@ -4,7 +4,7 @@
 
 Two engine-prepared copies of mobilenet_v2 (random weights, 128 px, batch 16, 1 thread, the upper 20
 layers' first 3 channels selected): one as SparseEngine prepares it, one prepared without the mode's
-hooks (modern.install patched out, for this measurement only). Forward + cross-entropy + backward,
+hooks (layer_kinds.install patched out, for this measurement only). Forward + cross-entropy + backward,
 alternating rounds (which copy goes first alternates), medians. Writes results/mode_overhead.json.
 """
 
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from trady import models
 from trady.core.files import write_json
-from trady.engine import SparseEngine
-from trady.engine import layer_kinds as modern
+from trady.engine import SparseEngine, layer_kinds
 from trady.experiments.bench.engine_bench import environment
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +35,7 @@ def main(rounds: int = 15) -> None:
     x, y = torch.randn(16, 3, 128, 128), torch.randint(0, 10, (16,))
     with_mode, without_mode = copy.deepcopy(base), copy.deepcopy(base)
     engines = {"with_mode": SparseEngine(with_mode, x)}
-    with mock.patch.object(modern, "install", lambda engine: []):
+    with mock.patch.object(layer_kinds, "install", lambda engine: []):
         engines["without_mode"] = SparseEngine(without_mode, x)
     nets = {"with_mode": with_mode, "without_mode": without_mode}
     for name, engine in engines.items():

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from trady import models
 from trady.config import FinetuneConfig
-from trady.engine import functions as ops
+from trady.engine import functions
 from trady.engine.costs import Selection
 from trady.train import loop as train
 from trady.train.setup import make_optimizer
@@ -147,7 +147,7 @@ class GradientRun:
             got = 0.0
             if n in sel:
                 idx = sel[n].to(g.device)
-                part = ops.gather_slice(g, idx, self.groups[n])
+                part = functions.gather_slice(g, idx, self.groups[n])
                 got = float(part.double().pow(2).sum())
                 slice_grad = run.model.get_submodule(n).trady.w_slice.grad
                 if slice_grad is not None:

@@ -31,17 +31,16 @@ RESULTS = Path(__file__).parent / "results" / "fold_ab.json"
 
 def _use(way: str) -> None:
     """Patch SparseConv2d's no-grad path to `way` (weight-copy: the tree as it is)."""
-    from trady.engine import modules as sm
-
-    if way == "weight-copy" or getattr(sm.SparseConv2d, "_fold_ab_orig", None):
-        sm.SparseConv2d.forward = getattr(sm.SparseConv2d, "_fold_ab_orig", sm.SparseConv2d.forward)
+    from trady.engine import modules
+    if way == "weight-copy" or getattr(modules.SparseConv2d, "_fold_ab_orig", None):
+        modules.SparseConv2d.forward = getattr(modules.SparseConv2d, "_fold_ab_orig", modules.SparseConv2d.forward)
         if way == "weight-copy":
             return
-    orig = sm.SparseConv2d._fold_ab_orig = sm.SparseConv2d.forward
+    orig = modules.SparseConv2d._fold_ab_orig = modules.SparseConv2d.forward
 
     def forward(self, x):
         st = self.trady
-        w_slice = sm.current_slice(self)
+        w_slice = modules.current_slice(self)
         frozen = not torch.is_grad_enabled() or not (x.requires_grad or w_slice is not None)
         if st.fold is None or not frozen or (self.bias is not None and self.bias.requires_grad):
             return orig(self, x)
@@ -50,7 +49,7 @@ def _use(way: str) -> None:
         out = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
         return out.mul_(scale.view(1, -1, 1, 1)).add_(bias.view(1, -1, 1, 1))
 
-    sm.SparseConv2d.forward = forward
+    modules.SparseConv2d.forward = forward
 
 
 def child(way: str) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from trady.core.files import write_json
-from trady.engine import functions as new_ops
+from trady.engine import functions
 
 SHAPES = [(32, 96, 64, 64), (32, 144, 32, 32)]
 BOUNDS = [(0.0, 6.0), (0.0, None)]
@@ -50,21 +50,21 @@ def engine_steps(old, model: str, rounds: int) -> dict:
     torch.set_flush_denormal(True)
     inp, _ = step_inputs(MemoryBenchConfig(model=model))
     v = build("engine", inp)
-    impls = {"old": old.ClampMaskFn, "new": new_ops.ClampMaskFn}
+    impls = {"old": old.ClampMaskFn, "new": functions.ClampMaskFn}
     t = {"old": [], "new": []}
     try:
         for name in impls:
-            new_ops.ClampMaskFn = impls[name]
+            functions.ClampMaskFn = impls[name]
             v.step()  # warm-up
         for r in range(rounds):
             for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
-                new_ops.ClampMaskFn = impls[name]
+                functions.ClampMaskFn = impls[name]
                 v.clear()
                 t0 = time.perf_counter()
                 v.step()
                 t[name].append(time.perf_counter() - t0)
     finally:
-        new_ops.ClampMaskFn = impls["new"]
+        functions.ClampMaskFn = impls["new"]
     o, n = statistics.median(t["old"]), statistics.median(t["new"])
     print(f"{model:<20} engine step  old {o * 1e3:7.1f} ms  new {n * 1e3:7.1f} ms  {n / o:.2f}x", flush=True)
     return {"model": model, "old_s": o, "new_s": n, "new_over_old": n / o}
@@ -84,10 +84,10 @@ def main() -> int:
         grad = torch.randn(shape, generator=g)
         for lo, hi in BOUNDS:
             t = {"old": [], "new": []}
-            for impl in (old, new_ops):
+            for impl in (old, functions):
                 _once(impl, x, grad, lo, hi)  # warm-up
             for r in range(args.rounds):
-                order = [("old", old), ("new", new_ops)]
+                order = [("old", old), ("new", functions)]
                 for name, impl in order if r % 2 == 0 else order[::-1]:
                     t[name].append(_once(impl, x, grad, lo, hi))
             o, n = statistics.median(t["old"]), statistics.median(t["new"])

@@ -5,7 +5,7 @@ Stock MultiheadAttention calls its projections functionally (F.linear on `in_pro
 - the input projection is the layer named after the module itself (`in_proj_weight`, input features
   = embed_dim, outputs = 3 * embed_dim): ChannelSparseLinearFn, keeps only the selected input features;
 - `out_proj` is a SparseLinear like any Linear (named `<module>.out_proj`);
-- the attention itself goes through lowbit.attention (q, k, v kept at 8 bits or fp32, recomputed).
+- the attention itself goes through kept_tensors.attention (q, k, v kept at 8 bits or fp32, recomputed).
 Self-attention only (query is key is value) with in_proj_weight, no bias_k/bias_v, no zero-attention,
 need_weights=False on the backprop path; anything else raises.
 """
@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from trady.core.errors import TradyError
-from trady.engine import functions as ops
-from trady.engine import kept_tensors as lowbit
+from trady.engine import functions, kept_tensors
 from trady.engine.modules import LayerState, current_slice, no_autocast
 
 
@@ -67,7 +66,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         x = query if self.batch_first else query.transpose(0, 1)
         b, n, e = x.shape
         h = self.num_heads
-        qkv = ops.ChannelSparseLinearFn.apply(
+        qkv = functions.ChannelSparseLinearFn.apply(
             x, self.in_proj_weight.detach(), self.in_proj_bias, w_slice, st.idx, st.on_saved
         )
         q, k, v = (t.reshape(b, n, h, e // h).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
@@ -79,7 +78,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             mask = pad if mask is None else mask + pad
         causal = bool(is_causal) and mask is None
         dropout = self.dropout if self.training else 0.0
-        out = lowbit.attention(q, k, v, mask, dropout, causal, None, self.trady_mode)
+        out = kept_tensors.attention(q, k, v, mask, dropout, causal, None, self.trady_mode)
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, e))
         if not self.batch_first:
             out = out.transpose(0, 1)

@@ -20,5 +20,5 @@ class EngineConfig:
     # updated); its backward keeps its input and batch statistics, outside the budget (engine/batchnorm.py).
     batchnorm: str = "frozen"
     activation_bits: int | None = 4  # smooth activations' derivative code: 1..4 bits; None: exact (activations.py)
-    kept_precision: str = "int8"  # SE, LayerNorm, attention inputs: "int8" or "fp32", exact (lowbit.py)
+    kept_precision: str = "int8"  # SE, LayerNorm, attention inputs: "int8" or "fp32", exact (kept_tensors.py)
     recompute: tuple[str, ...] = ()  # modules run under activation checkpointing: keep their inputs only

@@ -7,9 +7,9 @@ container modules (calls inside leaf modules and engine classes are theirs and p
 - smooth activations -> activations.few_bit (EngineConfig.activation_bits; None: stock),
   ReLU/ReLU6 -> the packed-mask ClampMaskFn, F.dropout -> the bit-mask DropoutMaskFn,
   adaptive_avg_pool2d(x, 1) -> a mean (keeps nothing);
-- x * gate with a broadcast gate that needs a gradient (squeeze-excitation) -> lowbit.gate_mul;
-- F.layer_norm and F.scaled_dot_product_attention -> lowbit (EngineConfig.kept_precision, as the gate);
-- attention written out: matmul of two activations (neither a parameter or buffer) and softmax -> lowbit;
+- x * gate with a broadcast gate that needs a gradient (squeeze-excitation) -> kept_tensors.gate_mul;
+- F.layer_norm and F.scaled_dot_product_attention -> kept_tensors (EngineConfig.kept_precision, as the gate);
+- attention written out: matmul of two activations (neither a parameter or buffer) and softmax -> kept_tensors;
 - anything else runs stock; with strict=True, calls that keep a tensor for backward (other than a
   parameter or buffer) raise one TradyError at the end of the forward naming each function, its module
   and the tensor.
@@ -25,9 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from trady.core.errors import TradyError
-from trady.engine import activations
-from trady.engine import functions as ops
-from trady.engine import kept_tensors as lowbit
+from trady.engine import activations, functions, kept_tensors
 
 _MUL = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul, torch.mul}
 _RELU = {F.relu, torch.relu, torch.Tensor.relu}
@@ -120,37 +118,38 @@ class FunctionalCalls(TorchFunctionMode):
                 return func(*args, **kwargs)
             return activations.few_bit(x, kind, self.activation_bits, inplace)
         if func in _RELU and not _arg(args, kwargs, 1, "inplace", False):
-            return ops.ClampMaskFn.apply(args[0], 0.0, None, self.mask_bits)
+            return functions.ClampMaskFn.apply(args[0], 0.0, None, self.mask_bits)
         if func is F.relu6 and not _arg(args, kwargs, 1, "inplace", False):
-            return ops.ClampMaskFn.apply(args[0], 0.0, 6.0, self.mask_bits)
+            return functions.ClampMaskFn.apply(args[0], 0.0, 6.0, self.mask_bits)
         if func is F.dropout:
             p, training = float(_arg(args, kwargs, 1, "p", 0.5)), bool(_arg(args, kwargs, 2, "training", True))
             if training and 0 < p < 1:  # a bit mask, as nn.Dropout's (sparse_modules.MaskedDropout)
-                return ops.DropoutMaskFn.apply(args[0], p, bool(_arg(args, kwargs, 3, "inplace", False)))
+                return functions.DropoutMaskFn.apply(args[0], p, bool(_arg(args, kwargs, 3, "inplace", False)))
             return func(*args, **kwargs)
         if func in _MUL and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
-            out = lowbit.gate_mul(args[0], args[1], self.kept_precision)
+            out = kept_tensors.gate_mul(args[0], args[1], self.kept_precision)
             return NotImplemented if out is None else out
         if func is F.adaptive_avg_pool2d and _arg(args, kwargs, 1, "output_size", None) in (1, (1, 1), [1, 1]):
             return args[0].mean((-2, -1), keepdim=True)
         if func is F.layer_norm:
             x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape", None)
             weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
-            return lowbit.layer_norm(x, shape, weight, bias, _arg(args, kwargs, 4, "eps", 1e-5), self.kept_precision)
+            eps = _arg(args, kwargs, 4, "eps", 1e-5)
+            return kept_tensors.layer_norm(x, shape, weight, bias, eps, self.kept_precision)
         if func in _MATMUL and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
             if any(_storage_key(a) in self.skip for a in args):
                 return NotImplemented  # a weight: a functional linear layer, not attention
-            out = lowbit.matmul(args[0], args[1], self.kept_precision)
+            out = kept_tensors.matmul(args[0], args[1], self.kept_precision)
             return NotImplemented if out is None else out
         if func in _SOFTMAX and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             dim = _arg(args, kwargs, 1, "dim", None)
             if dim is None:  # (F.softmax's implicit dim is deprecated: left to stock autograd)
                 return NotImplemented
             dtype = _arg(args, kwargs, 3 if func is F.softmax else 2, "dtype", None)
-            return lowbit.softmax(args[0], dim, dtype, self.kept_precision)
+            return kept_tensors.softmax(args[0], dim, dtype, self.kept_precision)
         if func is F.scaled_dot_product_attention and not kwargs.get("enable_gqa", False):
             q, k, v = args[:3]
-            return lowbit.attention(
+            return kept_tensors.attention(
                 q, k, v, _arg(args, kwargs, 3, "attn_mask", None), _arg(args, kwargs, 4, "dropout_p", 0.0),
                 _arg(args, kwargs, 5, "is_causal", False), kwargs.get("scale"), self.kept_precision,
             )  # fmt: skip

@@ -1,9 +1,9 @@
 """The engine's registration point for modern architectures (one place, so engine.py stays small).
 
 - SWAPS: smooth activations -> activations.FewBit* (few-bit derivative), nn.LayerNorm ->
-  lowbit.LowBitLayerNorm, nn.MultiheadAttention -> attention.SparseMultiheadAttention;
+  kept_tensors.LowBitLayerNorm, nn.MultiheadAttention -> attention.SparseMultiheadAttention;
 - configure(): per-module settings from the EngineConfig (bits, norm/attention mode, layer state);
-- install(): the functional-call mode (functional_mode) active during the prepared model's forward, and
+- install(): the functional-call mode (functional_calls) active during the prepared model's forward, and
   activation checkpointing of the modules named in EngineConfig.recompute.
 """
 
@@ -16,15 +16,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trady.core.errors import TradyError, unknown_name
-from trady.engine import activations, slices
-from trady.engine import functional_calls as functional_mode
-from trady.engine import kept_tensors as lowbit
+from trady.engine import activations, functional_calls, kept_tensors, slices
 from trady.engine.attention import SparseMultiheadAttention
 from trady.engine.modules import LayerState
 
 SWAPS: dict[type, type] = {
     **activations.SWAPS,
-    nn.LayerNorm: lowbit.LowBitLayerNorm,
+    nn.LayerNorm: kept_tensors.LowBitLayerNorm,
     nn.MultiheadAttention: SparseMultiheadAttention,
 }
 CLASSES = frozenset(SWAPS.values())
@@ -36,14 +34,14 @@ SUPPORTED_KINDS = (
 
 def check_config(config) -> None:
     activations.check_bits(config.activation_bits)
-    lowbit.check_mode(config.kept_precision)
+    kept_tensors.check_mode(config.kept_precision)
 
 
 def configure(name: str, module: nn.Module, config) -> None:
     """Settings of one swapped module (`trady*` attributes: SparseEngine.restore() removes them)."""
     if isinstance(module, activations.FewBitActivation):
         module.trady_bits = config.activation_bits
-    if isinstance(module, (lowbit.LowBitLayerNorm, SparseMultiheadAttention)):
+    if isinstance(module, (kept_tensors.LowBitLayerNorm, SparseMultiheadAttention)):
         module.trady_mode = config.kept_precision
     if isinstance(module, SparseMultiheadAttention):
         module.trady = LayerState(name, w_slice=slices.empty_slot(module))
@@ -75,12 +73,12 @@ def install(engine) -> list:
     """Checks the config; hooks for functional calls in the forward code of the model (handles to remove)."""
     cfg = engine.config
     check_config(cfg)
-    mode = functional_mode.FunctionalCalls(cfg.activation_bits, cfg.kept_precision, cfg.mask_bits, cfg.strict)
+    mode = functional_calls.FunctionalCalls(cfg.activation_bits, cfg.kept_precision, cfg.mask_bits, cfg.strict)
 
     def passes_through(m: nn.Module) -> bool:  # engine classes and guarded leaves: their calls are theirs
         return type(m) in CLASSES or (next(m.children(), None) is None and not checked_by_mode(m))
 
-    handles = functional_mode.install(engine.model, mode, passes_through, engine.sync)
+    handles = functional_calls.install(engine.model, mode, passes_through, engine.sync)
     return handles + [_Recompute(engine.model, name, mode) for name in cfg.recompute]
 
 
@@ -94,7 +92,7 @@ class _Recompute:
     Kept inputs are all there is: the slices of selected layers inside are not kept (recomputed), so the
     measured budgeted bytes fall below the analytic ones."""
 
-    def __init__(self, model: nn.Module, name: str, mode: functional_mode.FunctionalCalls) -> None:
+    def __init__(self, model: nn.Module, name: str, mode: functional_calls.FunctionalCalls) -> None:
         names = [n for n, _ in model.named_modules() if n]
         if name not in names:
             raise unknown_name("module to recompute", name, names)

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trady.core.errors import TradyError
-from trady.engine import functions as ops
-from trady.engine import slices
+from trady.engine import functions, slices
 
 
 class FrozenBatchNormWarning(UserWarning):
@@ -31,7 +30,7 @@ class LayerState:
     """Per-layer engine state, attached to the module as `module.trady`."""
 
     name: str
-    # The trainable leaf: the weight entries of the selected input channels (layout: ops.gather_slice).
+    # The trainable leaf: the weight entries of the selected input channels (layout: functions.gather_slice).
     # The same tensor object for the engine's whole life, so that an optimizer built before a select()
     # stays valid; select() resizes it in place, and it is empty (0 channels) while nothing is selected.
     w_slice: torch.Tensor
@@ -114,7 +113,7 @@ class SparseConv2d(_Prepared, nn.Conv2d):
             # no graph: a plain conv (padding_mode is 'zeros', checked at preparation)
             return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         no_autocast(x)
-        return ops.ChannelSparseConv2dFn.apply(
+        return functions.ChannelSparseConv2dFn.apply(
             x, self.weight.detach(), bias, w_slice, st.idx,
             self.stride, self.trady_padding, self.dilation, self.groups, st.on_saved, self.trady_extra_pad, scale,
         )  # fmt: skip
@@ -131,7 +130,7 @@ class SparseLinear(_Prepared, nn.Linear):
         if not torch.is_grad_enabled() or not (x.requires_grad or w_slice is not None or bias_trains):
             return F.linear(x, self.weight, bias)
         no_autocast(x)
-        return ops.ChannelSparseLinearFn.apply(x, self.weight.detach(), bias, w_slice, st.idx, st.on_saved)
+        return functions.ChannelSparseLinearFn.apply(x, self.weight.detach(), bias, w_slice, st.idx, st.on_saved)
 
 
 class FrozenBatchNorm2d(_Prepared, nn.BatchNorm2d):
@@ -163,7 +162,7 @@ class FrozenBatchNorm2d(_Prepared, nn.BatchNorm2d):
         if not torch.is_grad_enabled() or not (x.requires_grad or shift.requires_grad):
             view = (1, -1, 1, 1)
             return torch.addcmul(shift.view(view), x, scale.view(view))
-        return ops.FrozenAffineFn.apply(x, scale, shift)
+        return functions.FrozenAffineFn.apply(x, scale, shift)
 
 
 class FoldedBatchNorm2d(FrozenBatchNorm2d):
@@ -194,7 +193,7 @@ class MaskedClamp(_Prepared, nn.Module):
         lo, hi = self._bounds()
         if not torch.is_grad_enabled() or not x.requires_grad:
             return torch.clamp_(x, lo, hi) if self.inplace else torch.clamp(x, lo, hi)
-        fn = ops.ClampMaskInplaceFn if self.inplace else ops.ClampMaskFn
+        fn = functions.ClampMaskInplaceFn if self.inplace else functions.ClampMaskFn
         return fn.apply(x, lo, hi, self.trady_bits)
 
 
@@ -219,7 +218,7 @@ class MaskedDropout(_Prepared, nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and 0 < self.p < 1 and torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)  # identity, p in {0, 1}, or no graph: stock
-        return ops.DropoutMaskFn.apply(x, float(self.p), self.inplace)
+        return functions.DropoutMaskFn.apply(x, float(self.p), self.inplace)
 
 
 class GlobalAvgPool2d(_Prepared, nn.AdaptiveAvgPool2d):
@@ -233,11 +232,12 @@ class ArgmaxMaxPool2d(_Prepared, nn.MaxPool2d):
     """MaxPool2d whose backward keeps a uint8 window position per output element, not its input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = ops.pair(self.kernel_size)
+        k = functions.pair(self.kernel_size)
         if not torch.is_grad_enabled() or not x.requires_grad or self.return_indices or k[0] * k[1] > 256:
             return super().forward(x)  # stock (kernels over 256 positions keep int64 indices and the input)
-        return ops.MaxPool2dArgmaxFn.apply(
-            x, k, ops.pair(self.stride), ops.pair(self.padding), ops.pair(self.dilation), self.ceil_mode
+        return functions.MaxPool2dArgmaxFn.apply(
+            x, k, functions.pair(self.stride), functions.pair(self.padding), functions.pair(self.dilation),
+            self.ceil_mode,
         )
 
 
@@ -247,7 +247,8 @@ class ShapeOnlyAvgPool2d(_Prepared, nn.AvgPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or not x.requires_grad:
             return super().forward(x)
-        return ops.AvgPool2dFn.apply(
-            x, ops.pair(self.kernel_size), ops.pair(self.stride), ops.pair(self.padding), self.ceil_mode,
+        return functions.AvgPool2dFn.apply(
+            x, functions.pair(self.kernel_size), functions.pair(self.stride), functions.pair(self.padding),
+            self.ceil_mode,
             self.count_include_pad, self.divisor_override,
         )  # fmt: skip

@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from trady.core.errors import TradyError
-from trady.engine import functions as ops
+from trady.engine import functions
 
 
 def groups_of(module: nn.Module) -> int:
@@ -30,7 +30,7 @@ def groups_of(module: nn.Module) -> int:
 def empty_slot(module: nn.Module) -> torch.Tensor:
     """The layer's trainable slice with no channel selected (resized in place by select())."""
     none = torch.empty(0, dtype=torch.int64, device=module.weight.device)
-    return ops.gather_slice(module.weight.detach(), none, groups_of(module)).requires_grad_(True)
+    return functions.gather_slice(module.weight.detach(), none, groups_of(module)).requires_grad_(True)
 
 
 def write_slice_if_changed(module: nn.Module) -> None:
@@ -39,8 +39,8 @@ def write_slice_if_changed(module: nn.Module) -> None:
     if st.idx is None:
         return
     with torch.no_grad():
-        if not torch.equal(ops.gather_slice(module.weight, st.idx, groups_of(module)), st.w_slice):
-            ops.scatter_slice_(module.weight, st.idx, st.w_slice, groups_of(module))
+        if not torch.equal(functions.gather_slice(module.weight, st.idx, groups_of(module)), st.w_slice):
+            functions.scatter_slice_(module.weight, st.idx, st.w_slice, groups_of(module))
 
 
 # Every live slice: id(slice) -> its layer (weakly); read by the global optimizer step hooks.
@@ -91,7 +91,7 @@ def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
             layer = _layer_of(p) if p.grad is not None else None
             if layer is not None and layer.trady.idx is not None:
                 with torch.no_grad():
-                    ops.scatter_slice_(layer.weight, layer.trady.idx, p, groups_of(layer))
+                    functions.scatter_slice_(layer.weight, layer.trady.idx, p, groups_of(layer))
                 state = optimizer.state.get(p)
                 if state:
                     state[CHANNELS_KEY] = layer.trady.channels

@@ -26,10 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trady.core.errors import TradyError
-from trady.engine import functions as ops
-from trady.engine import layer_kinds as modern
-from trady.engine import modules as sm
-from trady.engine import slices
+from trady.engine import functions, layer_kinds, slices
+from trady.engine import modules as prepared
 from trady.engine.batchnorm import batchnorm_training, batchnorms, check_mode
 from trady.engine.config import EngineConfig
 from trady.engine.costs import PRECISION_OF_DTYPE, CostTable, Selection, analyze
@@ -51,33 +49,33 @@ def _computes_itself(module: nn.Module) -> bool:
     """Whether the guard must see the module: a leaf whose calls the functional-call mode does not check
     (trady.engine.layer_kinds: the mode checks the forward code of every module with children, PyTorch's own such as
     nn.TransformerEncoderLayer included, and of subclasses of supported kinds such as timm's LayerNorm2d)."""
-    return next(module.children(), None) is None and not modern.checked_by_mode(module)
+    return next(module.children(), None) is None and not layer_kinds.checked_by_mode(module)
 
 
 SUPPORTED_KINDS = (
     "Conv2d (any groups/stride/dilation/padding), Linear, BatchNorm2d (frozen or train), ReLU, ReLU6, Hardtanh, "
     "AdaptiveAvgPool2d(1), AvgPool2d, MaxPool2d, Identity, Dropout, Flatten, ZeroPad2d, ConstantPad2d, Unflatten, "
-    + modern.SUPPORTED_KINDS
+    + layer_kinds.SUPPORTED_KINDS
 )
 
 # The handled module kinds: stock class -> the engine class it becomes (nn.AdaptiveAvgPool2d(1) is
 # special-cased in `_swap_target`). A new kind is one entry here plus its class in sparse_modules.
 SWAPS: dict[type, type] = {
-    nn.MaxPool2d: sm.ArgmaxMaxPool2d,
-    nn.AvgPool2d: sm.ShapeOnlyAvgPool2d,
-    nn.Conv2d: sm.SparseConv2d,
-    nn.Linear: sm.SparseLinear,
-    nn.BatchNorm2d: sm.FrozenBatchNorm2d,
-    nn.ReLU: sm.MaskedReLU,
-    nn.ReLU6: sm.MaskedReLU6,
-    nn.Hardtanh: sm.MaskedHardtanh,
-    nn.Dropout: sm.MaskedDropout,
-    **modern.SWAPS,  # smooth activations, LayerNorm, MultiheadAttention
+    nn.MaxPool2d: prepared.ArgmaxMaxPool2d,
+    nn.AvgPool2d: prepared.ShapeOnlyAvgPool2d,
+    nn.Conv2d: prepared.SparseConv2d,
+    nn.Linear: prepared.SparseLinear,
+    nn.BatchNorm2d: prepared.FrozenBatchNorm2d,
+    nn.ReLU: prepared.MaskedReLU,
+    nn.ReLU6: prepared.MaskedReLU6,
+    nn.Hardtanh: prepared.MaskedHardtanh,
+    nn.Dropout: prepared.MaskedDropout,
+    **layer_kinds.SWAPS,  # smooth activations, LayerNorm, MultiheadAttention
 }
 
 
 def _engine_classes() -> frozenset:
-    return frozenset(SWAPS.values()) | {sm.GlobalAvgPool2d, sm.FoldedBatchNorm2d, sm.TrainBatchNorm2d}
+    return frozenset(SWAPS.values()) | {prepared.GlobalAvgPool2d, prepared.FoldedBatchNorm2d, prepared.TrainBatchNorm2d}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,12 +146,12 @@ class SparseEngine:
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     module.trady = LayerState(name, w_slice=slices.empty_slot(module))
                 if isinstance(module, nn.Conv2d):
-                    module.trady_padding, module.trady_extra_pad = sm.numeric_padding(module)
-                if isinstance(module, sm.MaskedClamp):
+                    module.trady_padding, module.trady_extra_pad = prepared.numeric_padding(module)
+                if isinstance(module, prepared.MaskedClamp):
                     module.trady_bits = cfg.mask_bits
                 if isinstance(module, nn.BatchNorm2d):
                     module.trady_notice = self._bn_notice
-                modern.configure(name, module, cfg)
+                layer_kinds.configure(name, module, cfg)
                 if cfg.train_bias and isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
                     if module.bias is not None:
                         module.bias.requires_grad_(True)
@@ -177,7 +175,7 @@ class SparseEngine:
         self._hooks.append(model.register_state_dict_pre_hook(sync_first))
         self._hooks.append(model.register_load_state_dict_pre_hook(sync_first))
         self._hooks.append(model.register_load_state_dict_post_hook(reread_slices))
-        self._hooks += modern.install(self)  # functional calls (F.silu, x * gate, ...) in the forward code
+        self._hooks += layer_kinds.install(self)  # functional calls (F.silu, x * gate, ...) in the forward code
         if self._guarded:
             self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._enter_forward()))
             self._hooks.append(model.register_forward_hook(lambda m, a, out: self._leave_forward(), always_call=True))
@@ -197,9 +195,9 @@ class SparseEngine:
             for (a, conv), (_, bn) in zip(kids, kids[1:]):
                 name = f"{pname}.{a}" if pname else a
                 if (
-                    type(conv) is sm.SparseConv2d
+                    type(conv) is prepared.SparseConv2d
                     and name in self.costs.by_name
-                    and type(bn) is sm.FrozenBatchNorm2d
+                    and type(bn) is prepared.FrozenBatchNorm2d
                     and bn.num_features == conv.out_channels
                 ):
                     pairs[name] = (conv, bn)
@@ -221,12 +219,12 @@ class SparseEngine:
         for name, (conv, bn) in pairs.items():
             if calls[name] == [True]:
                 conv.trady.fold = bn
-                bn.__class__ = sm.FoldedBatchNorm2d  # restore() returns it to its original class
+                bn.__class__ = prepared.FoldedBatchNorm2d  # restore() returns it to its original class
 
     def _swap_target(self, name: str, module: nn.Module) -> type | None:
         """The engine class this module becomes, None to leave it alone; raises if it cannot be handled."""
         if type(module) is nn.AdaptiveAvgPool2d and module.output_size in (1, (1, 1)):
-            return sm.GlobalAvgPool2d
+            return prepared.GlobalAvgPool2d
         base = next((b for b in SWAPS if type(module) is b), None)
         if base is None:
             base = next((b for b in SWAPS if isinstance(module, b)), None)
@@ -244,7 +242,7 @@ class SparseEngine:
         if base is nn.Conv2d and module.padding_mode != "zeros":
             raise TradyError(f"layer {name!r} uses padding_mode={module.padding_mode!r}; accepted: 'zeros'")
         if base is nn.BatchNorm2d and self.config.batchnorm == "train":
-            return sm.TrainBatchNorm2d  # stock: batch statistics in train mode (trady.engine.batchnorm)
+            return prepared.TrainBatchNorm2d  # stock: batch statistics in train mode (trady.engine.batchnorm)
         if base is nn.BatchNorm2d and module.running_var is None:
             raise TradyError(
                 f"BatchNorm {name!r} has no running statistics (track_running_stats=False); "
@@ -358,7 +356,8 @@ class SparseEngine:
                 continue  # the same channels: the same slice, its optimizer state (momentum) carries on
             with torch.no_grad():
                 none = torch.empty(0, dtype=torch.int64, device=module.weight.device)
-                st.w_slice.set_(ops.gather_slice(module.weight, none if idx is None else idx, slices.groups_of(module)))
+                sliced = functions.gather_slice(module.weight, none if idx is None else idx, slices.groups_of(module))
+                st.w_slice.set_(sliced)
             st.idx = idx
             st.channels = () if idx is None else tuple(idx.tolist())
             st.w_slice.grad = None
@@ -387,7 +386,7 @@ class SparseEngine:
             st: LayerState = module.trady
             if st.idx is not None:
                 with torch.no_grad():
-                    st.w_slice.copy_(ops.gather_slice(module.weight, st.idx, slices.groups_of(module)))
+                    st.w_slice.copy_(functions.gather_slice(module.weight, st.idx, slices.groups_of(module)))
 
     def sync(self) -> None:
         """Write the current slice values into the model's own weights (only needed after editing a slice by
@@ -415,7 +414,7 @@ class SparseEngine:
         for name, module in self.layers.items():
             st: LayerState = module.trady
             if st.idx is not None and st.w_slice.grad is not None:
-                out[name] = (st.idx, ops.slice_channel_norms(st.w_slice.grad, slices.groups_of(module)))
+                out[name] = (st.idx, functions.slice_channel_norms(st.w_slice.grad, slices.groups_of(module)))
         return out
 
     # -- measurement -------------------------------------------------------------------------

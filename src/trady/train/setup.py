@@ -114,12 +114,11 @@ def setup(
     resolution = config.resolution or (spec.resolution if spec is not None else None)
     torch.manual_seed(config.seed)  # the fresh classifier's initialisation
     if train_data is not None:
-        from trady.data import torch_inputs as torchdata
-
-        train_loader = torchdata.batches_of(train_data, config.batch_size, train=True, seed=config.seed, rank=rank,
+        from trady.data import torch_inputs
+        train_loader = torch_inputs.batches_of(train_data, config.batch_size, train=True, seed=config.seed, rank=rank,
                                             world_size=world)  # fmt: skip
-        test_loader = torchdata.batches_of(test_data, max(config.batch_size, 64), train=False, seed=config.seed)
-        sizes = (torchdata.num_samples(train_data), torchdata.num_samples(test_data))
+        test_loader = torch_inputs.batches_of(test_data, max(config.batch_size, 64), train=False, seed=config.seed)
+        sizes = (torch_inputs.num_samples(train_data), torch_inputs.num_samples(test_data))
         dataset = config.data
         fingerprint = hashlib.sha256(repr(sizes).encode()).hexdigest()[:16]
         classes = None
@@ -163,9 +162,8 @@ def setup(
         example = example.to(device)
         preflight.check_output_classes(model, example, classes, config.model)
     else:
-        from trady.data import torch_inputs as torchdata
-
-        example = torchdata.first_input(train_loader).to(device)
+        from trady.data import torch_inputs
+        example = torch_inputs.first_input(train_loader).to(device)
     classifier = "classifier" if zoo else None  # zoo heads are named; elsewhere the last layer called
     tuner = Tuner(
         model, example, strategy=strategy, budget=config.budget if strategy.mode == "sparse" else None,

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trady.core.errors import unknown_name
-from trady.engine import EngineConfig, SparseEngine
-from trady.engine import functions as ops
+from trady.engine import EngineConfig, SparseEngine, functions
 from trady.engine.costs import CostTable, Selection
 from trady.train.microbatch import accumulate_gradients
 
@@ -127,7 +126,7 @@ def _input_channel_mask(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     cout, cin_g = w.shape[:2]
     ones = torch.ones(idx.numel(), cout // groups, 1, 1, dtype=w.dtype, device=w.device)
     mask = torch.zeros(cout, cin_g, 1, 1, dtype=w.dtype, device=w.device)
-    ops.scatter_slice_(mask, idx.to(w.device), ones if groups > 1 else ones.transpose(0, 1), groups)
+    functions.scatter_slice_(mask, idx.to(w.device), ones if groups > 1 else ones.transpose(0, 1), groups)
     return mask
 
 
