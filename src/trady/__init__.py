@@ -8,11 +8,10 @@ The any-model API, importable from `trady` itself:
 - `trady.TradyCallback`: the PyTorch Lightning callback (trady.train.lightning; extra trady[lightning]).
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-
 def _package_version() -> str:
     """The installed distribution's version (pyproject.toml is the one place it is written)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("trady")
     except PackageNotFoundError:  # a source tree on sys.path without an install
