@@ -74,10 +74,7 @@ STEM_LOSS_FACTOR = 10.0  # a loss this many times the first step's, with the ste
 def _watch_stem(run: Run, loss: float, epoch: int, step: int) -> None:
     """One line (and a summary note) the first time the loss passes STEM_LOSS_FACTOR x the first step's
     while the draw trains the stem (the first layer): its input is the raw image, where an lr that suits
-    the deeper layers can blow the features up."""
-    if run.first_loss is None:
-        run.first_loss = loss
-        return
+    the deeper layers can blow the features up. Called after _check_finite, which records the first loss."""
     if run.stem_warned or not loss > STEM_LOSS_FACTOR * run.first_loss or not run.costs.layers:
         return
     stem = run.costs.layers[0].name
@@ -110,8 +107,7 @@ def train_epoch(run: Run, epoch: int, optimizer: torch.optim.Optimizer, measure:
             optimizer.zero_grad(set_to_none=True)
             with meter.step(i):
                 logits, loss = accumulate_gradients(meter.forward_loss(i), x, y, config.micro_batch_size)
-                _check_finite(run, loss, epoch, i, steps)
-                _watch_stem(run, float(loss), epoch, i)
+                _watch_stem(run, _check_finite(run, loss, epoch, i, steps), epoch, i)
                 if run.world > 1:  # data parallel: average the trained tensors' gradients over the ranks
                     run.comm_elements = distributed.all_reduce_mean_(_grads(params))
                 optimizer.step()  # the tuner's optimizer pre-hook records MeDyate's gradient norms first
@@ -142,7 +138,8 @@ def _set_lr(run: Run, optimizer: torch.optim.Optimizer, epoch: int, i: int, step
     return scale * config.lr
 
 
-def _check_finite(run: Run, loss: torch.Tensor, epoch: int, i: int, steps: int) -> None:
+def _check_finite(run: Run, loss: torch.Tensor, epoch: int, i: int, steps: int) -> float:
+    """The step's loss as a float (the mean over the ranks), once; raises when it is not finite or exploding."""
     value = loss
     if run.world > 1:  # every rank stops at the same step when any rank's loss is not finite
         value = value.clone()
@@ -156,6 +153,7 @@ def _check_finite(run: Run, loss: torch.Tensor, epoch: int, i: int, steps: int) 
     if loss_value > limit:
         raise NonFiniteLoss(epoch, i + 1, steps, value=loss_value, what="training loss",
                             limit=f"over {EXPLODING_FACTOR:g}x the first loss {run.first_loss:.4g}")  # fmt: skip
+    return loss_value
 
 
 @torch.no_grad()
